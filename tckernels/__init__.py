@@ -1,0 +1,22 @@
+"""tckernels: sparse kernels for transcoders and transcoder adapters.
+
+    values, indices = tckernels.encode_topk(x, W_enc, b_enc, k)
+    y = tckernels.sparse_decode(values, indices, W_dec, b_dec)
+"""
+from tckernels._backend import available_backends, use_backend
+from tckernels._native import has_cuda_kernels
+from tckernels.ops import encode_topk, gather_dot, gather_matmul, scatter_matmul, sparse_decode, topk_relu
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "topk_relu",
+    "encode_topk",
+    "sparse_decode",
+    "gather_matmul",
+    "gather_dot",
+    "scatter_matmul",
+    "use_backend",
+    "available_backends",
+    "has_cuda_kernels",
+]

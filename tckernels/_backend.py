@@ -1,0 +1,101 @@
+"""Which backend runs an op.
+
+Order of precedence: an explicit ``backend=`` argument > the innermost ``use_backend(...)``
+context > the ``TCK_BACKEND`` environment variable > the default for the tensor's device
+(CPU tensors: ``cpu``; CUDA tensors: the fastest measured GPU backend that is available).
+
+A backend is a module in ``tckernels.backends`` exposing ``topk_relu``, ``gather_matmul``,
+``gather_dot``, ``scatter_matmul`` and optionally ``encode_topk`` with the signatures and the
+conventions of ``tckernels.backends.reference`` (the specification), plus ``DEVICES``, the
+device types it runs on, and ``unavailable_reason()`` (None when usable).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# Measured preference per device type (see bench/results/); the first available one wins.
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+# A process-wide stack (not thread-local) so torch.compile can trace reads of it.
+_stack: List[str] = []
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the tckernels ops inside the block on backend ``name``."""
+    _stack.append(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+_modules: dict = {}
+
+
+def backend_module(name: str):
+    mod = _modules.get(name)
+    if mod is None:
+        mod = importlib.import_module(f"tckernels.backends.{name}")
+        _modules[name] = mod
+    return mod
+
+
+_reasons: Dict[Tuple[str, str], Optional[str]] = {}
+
+
+@torch.compiler.assume_constant_result
+def unavailable_reason(name: str, device_type: str) -> Optional[str]:
+    """None when backend ``name`` can run on ``device_type`` tensors, else why not.
+
+    Computed once per process (it imports the backend); torch.compile treats it as a constant.
+    """
+    key = (name, device_type)
+    if key not in _reasons:
+        try:
+            mod = backend_module(name)
+        except ImportError as exc:
+            _reasons[key] = f"backend {name!r} cannot be imported: {exc}"
+        else:
+            if device_type not in mod.DEVICES:
+                _reasons[key] = f"backend {name!r} runs on {', '.join(mod.DEVICES)} tensors, not {device_type}"
+            else:
+                _reasons[key] = mod.unavailable_reason()
+    return _reasons[key]
+
+
+def available_backends(device_type: str) -> List[str]:
+    return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+
+
+def _env_backend() -> Optional[str]:
+    name = os.environ.get("TCK_BACKEND")
+    return _check_name(name, "the TCK_BACKEND environment variable") if name else None
+
+
+def resolve(explicit: Optional[str], device_type: str) -> str:
+    """Name of the backend to run on ``device_type``; raises if the one asked for cannot run."""
+    name = explicit if explicit is not None else (_stack[-1] if _stack else _env_backend())
+    if name is not None:
+        _check_name(name, "backend")
+        why = unavailable_reason(name, device_type)
+        if why is not None:
+            raise RuntimeError(f"tckernels: {why}")
+        return name
+    for candidate in _DEFAULT_ORDER.get(device_type, ("reference",)):
+        if unavailable_reason(candidate, device_type) is None:
+            return candidate
+    return "reference"
