@@ -1,0 +1,57 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tckernels
+from tckernels.backends import reference as R
+from tests.helpers import DTYPES, assert_close, backend_params, is_slow, sparse_inputs
+
+BACKENDS = backend_params()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,k,N,D", [(0, 3, 5, 4), (1, 1, 1, 1), (7, 5, 97, 3), (33, 8, 101, 64), (16, 101, 101, 10), (40, 32, 509, 257)])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_forward(device, backend, dtype, M, k, N, D, index_dtype):
+    if is_slow(device, backend) and M * k * D > 20000:
+        pytest.skip("interpreter: small shapes only")
+    g = torch.Generator().manual_seed(M + k + N + D)
+    _, indices = sparse_inputs(M, k, N, D, dtype, device, g, index_dtype)
+    G = torch.randn(M, D, generator=g).to(dtype).to(device)
+    W = torch.randn(N, D, generator=g).to(dtype).to(device)
+    out = tckernels.gather_dot(G, indices, W, backend=backend)
+    assert out.dtype == dtype and out.shape == (M, k)
+    assert_close(out, R.gather_dot(G, indices.long(), W), dtype, scale=max(1.0, D**0.5 / 4))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_gradients_match_reference(device, backend):
+    g = torch.Generator().manual_seed(7)
+    M, k, N, D = 8, 5, 29, 13
+    _, indices = sparse_inputs(M, k, N, D, torch.float64, device, g)
+    G = torch.randn(M, D, generator=g, dtype=torch.float64).to(device)
+    W = torch.randn(N, D, generator=g, dtype=torch.float64).to(device)
+    grad = torch.randn(M, k, generator=g, dtype=torch.float64).to(device)
+    results = []
+    for fn in (lambda a, w: tckernels.gather_dot(a, indices, w, backend=backend), lambda a, w: R.gather_dot(a, indices, w)):
+        a, w = G.clone().requires_grad_(), W.clone().requires_grad_()
+        fn(a, w).backward(grad)
+        results.append((a.grad, w.grad))
+    for a, r in zip(*results):
+        torch.testing.assert_close(a, r)
+
+
+@settings(max_examples=25, deadline=None)
+@given(M=st.integers(0, 20), k=st.integers(1, 12), N=st.integers(1, 80), D=st.integers(1, 70),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_random_shapes_cpu(M, k, N, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    _, indices = sparse_inputs(M, k, N, D, dtype, "cpu", g)
+    G = torch.randn(M, D, generator=g).to(dtype)
+    W = torch.randn(N, D, generator=g).to(dtype)
+    ref = R.gather_dot(G, indices, W)
+    for backend in tckernels.available_backends("cpu"):
+        if backend != "triton":
+            assert_close(tckernels.gather_dot(G, indices, W, backend=backend), ref, dtype, scale=2)
