@@ -1,0 +1,152 @@
+"""C++ CPU backend: multi-threaded kernels from ``csrc/cpu`` (tckernels._C, functions ``cpu_*``).
+
+Same signatures and results as ``tckernels.backends.reference`` (the specification). Python
+allocates every output with torch and hands raw pointers to C++; the thread count is
+``torch.get_num_threads()``. The public ops validate arguments before calling in here; the
+checks below are a cheap second line (layout, device, dtype) so that no bad pointer can reach
+C++, and the kernels themselves skip any index outside ``[0, N)`` instead of reading past a row.
+
+Numerics: float32 accumulation for float32/float16/bfloat16 (float64 for float64), results
+rounded to nearest even. ``scatter_matmul`` is always deterministic on the CPU (entries sorted by
+feature index, summed in a fixed order, no atomics), so ``deterministic`` does not change the
+algorithm; results are bit-identical run to run and for any thread count, as are those of the
+other three kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from tckernels import _native
+
+DEVICES = ("cpu",)
+
+_FLOATS = tuple(_native.DTYPE_CODES)
+
+
+def unavailable_reason() -> Optional[str]:
+    C = _native._C
+    if C is None:
+        return (
+            "the native extension tckernels._C is not built or failed to import "
+            f"({_native._error}); reinstall from a source checkout with `pip install -v .`"
+        )
+    if not hasattr(C, "cpu_topk_relu"):
+        return "tckernels._C was built without the CPU kernels (cpu_*); rebuild the package"
+    return None
+
+
+def _lib():
+    C = _native.native()
+    if C is None:
+        raise RuntimeError(f"tckernels: the cpu backend cannot run: {unavailable_reason()}")
+    return C
+
+
+def _check(name: str, t: Tensor, dtype: Optional[torch.dtype] = None, ndim: int = 2) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"cpu backend: {name} must be a CPU tensor, got device {t.device}")
+    if t.dim() != ndim:
+        raise ValueError(f"cpu backend: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"cpu backend: {name} must be contiguous")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"cpu backend: {name} must have dtype {dtype}, got {t.dtype}")
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    _check(name, t)
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"cpu backend: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def _check_bias(t: Optional[Tensor], size: int, dtype: torch.dtype) -> None:
+    if t is None:
+        return
+    _check("bias", t, dtype, ndim=1)
+    if t.shape[0] != size:
+        raise ValueError(f"cpu backend: bias must have shape ({size},), got {tuple(t.shape)}")
+
+
+def _check_indices(indices: Tensor, M: int) -> int:
+    _check("indices", indices, torch.int64)
+    if indices.shape[0] != M:
+        raise ValueError(f"cpu backend: indices must have {M} rows, got shape {tuple(indices.shape)}")
+    return indices.shape[1]
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def topk_relu(pre: Tensor, k: int, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    _check_float("pre", pre)
+    M, N = pre.shape
+    k = int(k)
+    if not 0 <= k <= N:
+        raise ValueError(f"cpu backend: k must satisfy 0 <= k <= N={N}, got {k}")
+    _check_bias(bias, N, pre.dtype)
+    values = torch.empty(M, k, dtype=pre.dtype)
+    indices = torch.empty(M, k, dtype=torch.int64)
+    if M and k:
+        _lib().cpu_topk_relu(
+            _native.ptr(pre), _native.ptr(bias), _native.ptr(values), _native.ptr(indices),
+            M, N, k, _native.dtype_code(pre), _threads(),
+        )
+    return values, indices
+
+
+def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    _check_float("W", W)
+    _check("values", values, W.dtype)
+    M, k = values.shape
+    if _check_indices(indices, M) != k:
+        raise ValueError(f"cpu backend: indices must have shape {(M, k)}, got {tuple(indices.shape)}")
+    N, D = W.shape
+    _check_bias(bias, D, W.dtype)
+    out = torch.empty(M, D, dtype=W.dtype)
+    if M and D:
+        _lib().cpu_gather_matmul(
+            _native.ptr(values), _native.ptr(indices), _native.ptr(W), _native.ptr(bias), _native.ptr(out),
+            M, k, N, D, _native.dtype_code(W), _threads(),
+        )
+    return out
+
+
+def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    _check_float("G", G)
+    _check("W", W, G.dtype)
+    M, D = G.shape
+    k = _check_indices(indices, M)
+    N = W.shape[0]
+    if W.shape[1] != D:
+        raise ValueError(f"cpu backend: W must have {D} columns like G, got shape {tuple(W.shape)}")
+    out = torch.empty(M, k, dtype=G.dtype)
+    if M and k:
+        _lib().cpu_gather_dot(
+            _native.ptr(G), _native.ptr(indices), _native.ptr(W), _native.ptr(out),
+            M, k, N, D, _native.dtype_code(G), _threads(),
+        )
+    return out
+
+
+def scatter_matmul(values: Tensor, indices: Tensor, G: Tensor, n_rows: int, deterministic: bool = False) -> Tensor:
+    # Always the deterministic algorithm on the CPU (see the module docstring).
+    _check_float("G", G)
+    _check("values", values, G.dtype)
+    M, D = G.shape
+    k = _check_indices(indices, M)
+    if tuple(values.shape) != (M, k):
+        raise ValueError(f"cpu backend: values must have shape {(M, k)}, got {tuple(values.shape)}")
+    n_rows = int(n_rows)
+    if n_rows < 0:
+        raise ValueError(f"cpu backend: n_rows must be >= 0, got {n_rows}")
+    out = torch.empty(n_rows, D, dtype=G.dtype)
+    if n_rows and D:
+        _lib().cpu_scatter_matmul(
+            _native.ptr(values), _native.ptr(indices), _native.ptr(G), _native.ptr(out),
+            M, k, n_rows, D, _native.dtype_code(G), _threads(),
+        )
+    return out
