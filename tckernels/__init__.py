@@ -5,13 +5,14 @@
 """
 from tckernels._backend import available_backends, use_backend
 from tckernels._native import has_cuda_kernels
-from tckernels.ops import encode_topk, gather_dot, gather_matmul, scatter_matmul, sparse_decode, topk_relu
+from tckernels.ops import encode_relu, encode_topk, gather_dot, gather_matmul, scatter_matmul, sparse_decode, topk_relu
 
 __version__ = "0.1.0"
 
 __all__ = [
     "topk_relu",
     "encode_topk",
+    "encode_relu",
     "sparse_decode",
     "gather_matmul",
     "gather_dot",

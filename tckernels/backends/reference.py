@@ -81,3 +81,38 @@ DEVICES = ("cpu", "cuda")
 
 def unavailable_reason():
     return None
+
+
+def encode_relu(
+    x: Tensor,
+    W: Tensor,
+    b: Optional[Tensor],
+    k_max: int,
+    threshold=None,
+    select=None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Active entries of s = float32(x @ Wᵀ) + float32(b), those with s > threshold, in padded form.
+
+    ``threshold`` is None (ReLU: 0), a float >= 0 or a per-feature [N] tensor.
+    Per row: ``counts`` = the number of active entries; the kept entries (all of them, or the
+    k_max largest by the top-k rule when there are more) in ascending index order; padded slots
+    hold value 0 and index 0. Values are s itself (not s - threshold), rounded to x's dtype.
+    ``select`` is the top-k function to use (another backend's ``topk_relu``; default this one's).
+    """
+    s = (x @ W.t()).to(_acc_dtype(x.dtype))
+    if b is not None:
+        s = s + b.to(s.dtype)
+    thr = threshold.to(s.dtype) if isinstance(threshold, Tensor) else float(threshold or 0.0)
+    active = s > thr
+    counts = active.sum(dim=1)
+    masked = torch.where(active, s, torch.full_like(s, float("-inf")))
+    _, top = (select or topk_relu)(masked.detach().contiguous(), k_max, None)  # active entries first, the largest when there are too many
+    slots = torch.arange(k_max, device=x.device)
+    valid = slots < counts.clamp(max=k_max).unsqueeze(1)
+    # Ascending index order: invalid slots sort last (key >= N), then become index 0.
+    key = torch.where(valid, top, W.shape[0] + slots)
+    key, order = torch.sort(key, dim=1)
+    valid = valid.gather(1, order)
+    indices = torch.where(valid, key, torch.zeros_like(key))
+    values = torch.where(valid, torch.gather(s, 1, indices), torch.zeros((), dtype=s.dtype, device=s.device))
+    return values.to(x.dtype), indices.contiguous(), counts

@@ -28,6 +28,8 @@ def _op_samples(device, backend, dtype):
         (ops.topk_relu.default, (r(M, N), k, r(N), backend)),
         (ops.topk_relu.default, (r(M, N), k, None, backend)),
         (ops.encode_topk.default, (r(M, D), r(N, D), r(N), k, backend)),
+        (ops.encode_relu.default, (r(M, D), r(N, D), r(N), k, None, 0.0, backend)),
+        (ops.encode_relu.default, (r(M, D), r(N, D), None, k, r(N, grad=False).abs(), 0.0, backend)),
     ]
 
 
