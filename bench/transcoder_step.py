@@ -1,0 +1,132 @@
+"""One TopK transcoder training step (encode -> decode -> MSE -> backward), three ways:
+
+  tckernels   encode_topk -> sparse_decode (sparse backward, [M, k] activations only)
+  dense       linear -> relu -> topk -> scatter into a dense [M, N] -> linear (dense eager PyTorch)
+  embbag      the same encoder, F.embedding_bag decoder (what popular SAE libraries use)
+
+Used by the pytest-benchmark files and, as a script, to measure one variant's memory in a
+fresh process:  python -m bench.transcoder_step --variant dense --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+import tckernels
+
+VARIANTS = ("tckernels", "dense", "embbag")
+
+
+def make_params(M, D, N, k, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def p(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    params = dict(
+        W_enc=p(N, D, scale=D**-0.5),
+        b_enc=p(N, scale=0.01),
+        W_dec=p(N, D, scale=k**-0.5),
+        b_dec=p(D, scale=0.01),
+    )
+    x = torch.randn(M, D, generator=g).to(device=device, dtype=dtype)
+    return params, x
+
+
+def loss_fn(variant: str, params: dict, x: torch.Tensor, k: int) -> torch.Tensor:
+    W_enc, b_enc, W_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
+    if variant == "tckernels":
+        values, indices = tckernels.encode_topk(x, W_enc, b_enc, k)
+        y = tckernels.sparse_decode(values, indices, W_dec, b_dec)
+    else:
+        pre = torch.relu(F.linear(x, W_enc, b_enc))
+        top = torch.topk(pre, k, dim=-1)
+        if variant == "dense":
+            acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+            y = acts @ W_dec + b_dec
+        elif variant == "embbag":
+            y = F.embedding_bag(top.indices, W_dec, per_sample_weights=top.values, mode="sum") + b_dec
+        else:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return (y.float() - x.float()).pow(2).mean()
+
+
+def make_step(variant, params, x, k):
+    def step():
+        for p in params.values():
+            p.grad = None
+        loss = loss_fn(variant, params, x, k)
+        loss.backward()
+        return loss
+
+    return step
+
+
+def memory_profile(variant, M, D, N, k, dtype=torch.float32, device="cpu") -> dict:
+    """Memory of one step beyond what is held before it (params, x, a warm-up step's gradients).
+
+    cuda: ``saved_bytes`` (allocated between forward and backward: the activations kept for
+    backward) and ``peak_bytes`` (the step's transient peak). cpu: ``peak_bytes``, the highest
+    resident set size sampled every 0.5 ms during the step over the RSS before it (gradients
+    included, since the step allocates them anew); run it in a fresh process for a clean figure.
+    """
+    params, x = make_params(M, D, N, k, dtype, device)
+    step = make_step(variant, params, x, k)
+    step()  # warm-up: gradients and caches exist from here on
+    for p in params.values():
+        p.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = loss_fn(variant, params, x, k)
+        torch.cuda.synchronize()
+        saved = torch.cuda.memory_allocated() - base
+        loss.backward()
+        torch.cuda.synchronize()
+        return {"saved_bytes": saved, "peak_bytes": torch.cuda.max_memory_allocated() - base}
+    before = _rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            done.wait(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        step()
+    finally:
+        done.set()
+        sampler.join()
+    return {"peak_bytes": max(peak[0], _rss_bytes()) - before}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", choices=VARIANTS, required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--M", type=int, default=2048)
+    ap.add_argument("--D", type=int, default=768)
+    ap.add_argument("--N", type=int, default=24576)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--dtype", default="float32")
+    a = ap.parse_args()
+    mem = memory_profile(a.variant, a.M, a.D, a.N, a.k, getattr(torch, a.dtype), a.device)
+    print(json.dumps({"variant": a.variant, **mem}))
+
+
+if __name__ == "__main__":
+    main()
