@@ -4,10 +4,12 @@
     y = tckernels.sparse_decode(values, indices, W_dec, b_dec)
 """
 from tckernels._backend import available_backends, use_backend
-from tckernels._native import has_cuda_kernels
+from tckernels._native import has_cuda_kernels, warn_if_missing
 from tckernels.ops import encode_relu, encode_topk, gather_dot, gather_matmul, scatter_matmul, sparse_decode, topk_relu
 
 __version__ = "0.1.0"
+
+warn_if_missing(stacklevel=2)
 
 __all__ = [
     "topk_relu",

@@ -18,8 +18,8 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
 _warned = False
 
 
-def native():
-    """The _C module, or None (with a one-time warning saying what to do)."""
+def warn_if_missing(stacklevel: int = 3) -> None:
+    """Say once per process that the extension is missing, and what to do about it."""
     global _warned
     if _C is None and not _warned:
         _warned = True
@@ -29,8 +29,13 @@ def native():
             "Reinstall with `pip install -v .` from a source checkout (a C++17 compiler and "
             "CMake are needed; nvcc too for the CUDA kernels) and look at the build log.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
+
+
+def native():
+    """The _C module, or None (after the one-time warning)."""
+    warn_if_missing(stacklevel=4)
     return _C
 
 
