@@ -15,8 +15,8 @@ BACKENDS = backend_params()
 @pytest.mark.parametrize("M,k,N,D", [(0, 3, 5, 4), (1, 1, 1, 1), (7, 5, 97, 3), (33, 8, 101, 64), (16, 101, 101, 10), (40, 32, 509, 257)])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 def test_forward(device, backend, dtype, M, k, N, D, index_dtype):
-    if is_slow(device, backend) and M * k * D > 20000:
-        pytest.skip("interpreter: small shapes only")
+    if is_slow(device, backend):  # Triton's CPU interpreter: the same case, smaller sizes
+        M, D = min(M, 16), min(D, 33)
     g = torch.Generator().manual_seed(M + k + N + D)
     _, indices = sparse_inputs(M, k, N, D, dtype, device, g, index_dtype)
     G = torch.randn(M, D, generator=g).to(dtype).to(device)

@@ -24,8 +24,8 @@ def check(pre, k, bias, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,k", [(5, 97, 1), (4, 97, 97), (0, 31, 3), (3, 1, 1), (9, 257, 16), (2, 1031, 64)])
 def test_matches_reference(device, backend, dtype, M, N, k):
-    if is_slow(device, backend) and N > 300:
-        pytest.skip("interpreter: small shapes only")
+    if is_slow(device, backend):  # Triton's CPU interpreter: the same case, fewer columns
+        N, k = min(N, 257), min(k, 257)
     g = torch.Generator().manual_seed(M * 1000 + N + k)
     pre = torch.randn(M, N, generator=g).to(dtype).to(device)
     bias = torch.randn(N, generator=g).to(dtype).to(device)
