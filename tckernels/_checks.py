@@ -90,3 +90,18 @@ def index_range(indices: Tensor, n: int, name: str = "indices") -> None:
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= n:
         raise ValueError(f"{name} must lie in [0, {n}) (the rows of the weight), found values in [{lo}, {hi}]")
+
+
+def encoder_args(x, W_enc, b_enc) -> int:
+    """Checks shared by the encoders; returns N (the number of features)."""
+    floating(x, "x", min_ndim=1)
+    floating(W_enc, "W_enc", ndim=2)
+    same_dtype(W_enc, "W_enc", x, "x")
+    n, d = W_enc.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x must have last dimension D = W_enc.shape[1] = {d}, got shape {tuple(x.shape)}")
+    if b_enc is not None:
+        floating(b_enc, "b_enc", ndim=1)
+        same_dtype(W_enc, "W_enc", b_enc, "b_enc")
+        shape(b_enc, "b_enc", (n,), "[N] with N = W_enc.shape[0]")
+    return n

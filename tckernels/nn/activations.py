@@ -138,18 +138,9 @@ class _GatheredPre(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         indices, x, W_enc, kept = ctx.saved_tensors
-        g = (grad * kept).contiguous()
-        n = W_enc.shape[0]
-        det = _common.deterministic()
-        ops = torch.ops.tckernels
-        d_x = d_W = d_b = None
-        if ctx.needs_input_grad[2]:
-            d_x = ops.gather_matmul(g, indices, W_enc, None, ctx.backend, False)
-        if ctx.needs_input_grad[3]:
-            d_W = ops.scatter_matmul(g, indices, x, n, det, ctx.backend, False)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            ones = g.new_ones(g.shape[0], 1)
-            d_b = ops.scatter_matmul(g, indices, ones, n, det, ctx.backend, False).reshape(n)
+        d_x, d_W, d_b = _common.sparse_encoder_grads(
+            grad * kept, indices, x, W_enc, ctx.has_bias, ctx.needs_input_grad[2:5], ctx.backend
+        )
         return None, None, d_x, d_W, d_b, None
 
 

@@ -32,3 +32,24 @@ def deterministic() -> bool:
 def flat2d(t: Tensor) -> Tensor:
     """[..., X] -> [M, X] (leading batch dimensions flattened)."""
     return t.reshape(-1, t.shape[-1])
+
+
+def sparse_encoder_grads(g: Tensor, indices: Tensor, x: Tensor, W: Tensor, has_bias: bool, needs, backend: str):
+    """Gradients of an encoder whose outputs are entries ``indices`` of ``x @ Wᵀ + b``.
+
+    ``g`` [M, w] is the gradient reaching those entries (already zero where none flows); ``needs``
+    says which of (x, W, b) want a gradient. Only the selected entries are touched:
+      dx = gather_matmul(g, indices, W), dW = scatter_matmul(g, indices, x), db = scatter_matmul(g, indices, 1).
+    """
+    g = g.contiguous()
+    n = W.shape[0]
+    det = deterministic()
+    ops = torch.ops.tckernels
+    d_x = d_W = d_b = None
+    if needs[0]:
+        d_x = ops.gather_matmul(g, indices, W, None, backend, False)
+    if needs[1]:
+        d_W = ops.scatter_matmul(g, indices, x, n, det, backend, False)
+    if has_bias and needs[2]:
+        d_b = ops.scatter_matmul(g, indices, g.new_ones(g.shape[0], 1), n, det, backend, False).reshape(n)
+    return d_x, d_W, d_b

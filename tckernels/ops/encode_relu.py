@@ -54,17 +54,9 @@ def _backward(ctx, grad_values, _grad_indices, _grad_counts):
         return None, None, None, None, None, None, None
     k_max = indices.shape[1]
     kept = torch.arange(k_max, device=indices.device) < counts.clamp(max=k_max).unsqueeze(1)
-    g = (grad_values * kept).contiguous()
-    n = W.shape[0]
-    det = _common.deterministic()
-    ops = torch.ops.tckernels
-    d_x = d_W = d_b = None
-    if ctx.needs_input_grad[0]:
-        d_x = ops.gather_matmul(g, indices, W, None, ctx.backend, False)
-    if ctx.needs_input_grad[1]:
-        d_W = ops.scatter_matmul(g, indices, x, n, det, ctx.backend, False)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        d_b = ops.scatter_matmul(g, indices, g.new_ones(g.shape[0], 1), n, det, ctx.backend, False).reshape(n)
+    d_x, d_W, d_b = _common.sparse_encoder_grads(
+        grad_values * kept, indices, x, W, ctx.has_bias, ctx.needs_input_grad[:3], ctx.backend
+    )
     return d_x, d_W, d_b, None, None, None, None
 
 
@@ -86,16 +78,7 @@ def encode_relu(
     >= 0, or a per-feature tensor [N] -> (values [..., k_max], indices [..., k_max] int64,
     counts [...] int64: active entries per row, which may exceed k_max).
     """
-    _checks.floating(x, "x", min_ndim=1)
-    _checks.floating(W_enc, "W_enc", ndim=2)
-    _checks.same_dtype(W_enc, "W_enc", x, "x")
-    n, d = W_enc.shape
-    if x.shape[-1] != d:
-        raise ValueError(f"x must have last dimension D = W_enc.shape[1] = {d}, got shape {tuple(x.shape)}")
-    if b_enc is not None:
-        _checks.floating(b_enc, "b_enc", ndim=1)
-        _checks.same_dtype(W_enc, "W_enc", b_enc, "b_enc")
-        _checks.shape(b_enc, "b_enc", (n,), "[N] with N = W_enc.shape[0]")
+    n = _checks.encoder_args(x, W_enc, b_enc)
     _checks.k_value(k_max, n, "k_max")
     thr_tensor, thr_value = None, 0.0
     if isinstance(threshold, Tensor):

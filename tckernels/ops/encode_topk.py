@@ -43,18 +43,9 @@ def _backward(ctx, grad_values, _grad_indices):
     x, W, values, indices = ctx.saved_tensors
     if grad_values is None:
         return None, None, None, None, None
-    g = (grad_values * (values > 0)).contiguous()
-    n = W.shape[0]
-    det = _common.deterministic()
-    ops = torch.ops.tckernels
-    d_x = d_W = d_b = None
-    if ctx.needs_input_grad[0]:
-        d_x = ops.gather_matmul(g, indices, W, None, ctx.backend, False)
-    if ctx.needs_input_grad[1]:
-        d_W = ops.scatter_matmul(g, indices, x, n, det, ctx.backend, False)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        ones = g.new_ones(g.shape[0], 1)
-        d_b = ops.scatter_matmul(g, indices, ones, n, det, ctx.backend, False).reshape(n)
+    d_x, d_W, d_b = _common.sparse_encoder_grads(
+        grad_values * (values > 0), indices, x, W, ctx.has_bias, ctx.needs_input_grad[:3], ctx.backend
+    )
     return d_x, d_W, d_b, None, None
 
 
@@ -68,16 +59,7 @@ def encode_topk(
 
     x [..., D], W_enc [N, D] (row per feature), b_enc [N] or None -> (values, indices) [..., k].
     """
-    _checks.floating(x, "x", min_ndim=1)
-    _checks.floating(W_enc, "W_enc", ndim=2)
-    _checks.same_dtype(W_enc, "W_enc", x, "x")
-    n, d = W_enc.shape
-    if x.shape[-1] != d:
-        raise ValueError(f"x must have last dimension D = W_enc.shape[1] = {d}, got shape {tuple(x.shape)}")
-    if b_enc is not None:
-        _checks.floating(b_enc, "b_enc", ndim=1)
-        _checks.same_dtype(W_enc, "W_enc", b_enc, "b_enc")
-        _checks.shape(b_enc, "b_enc", (n,), "[N] with N = W_enc.shape[0]")
+    n = _checks.encoder_args(x, W_enc, b_enc)
     _checks.same_device(x, "x", W_enc, "W_enc", b_enc, "b_enc")
     _checks.k_value(k, n)
     name = _backend.resolve(backend, x.device.type)
