@@ -23,3 +23,10 @@ __all__ = [
     "available_backends",
     "has_cuda_kernels",
 ]
+
+# The HF model wrappers register their Auto classes on import, so that
+# AutoModelForCausalLM.from_pretrained works on saved adapter models after `import tckernels`.
+import importlib.util as _importlib_util  # noqa: E402
+
+if _importlib_util.find_spec("transformers") is not None:
+    from tckernels import models  # noqa: E402,F401
