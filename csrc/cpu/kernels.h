@@ -12,6 +12,12 @@ namespace cpu {
 void topk_relu(uintptr_t pre, uintptr_t bias, uintptr_t values, uintptr_t indices, int64_t M, int64_t N,
                int64_t k, int dtype, int nthreads);
 
+// values/indices [M,k_max], counts [M] <- entries of pre [M,N] (+ bias [N]) above the threshold
+// (per-feature [N] in the accumulation type: float, or double for float64; null -> threshold_value),
+// ascending index, padded with 0 / index 0; rows with more keep their k_max largest.
+void relu_select(uintptr_t pre, uintptr_t bias, uintptr_t threshold, double threshold_value, uintptr_t values,
+                 uintptr_t indices, uintptr_t counts, int64_t M, int64_t N, int64_t k_max, int dtype, int nthreads);
+
 // out [M,D] = sum_j values[m,j] * W[indices[m,j]] (+ bias [D]);  W [N,D].
 void gather_matmul(uintptr_t values, uintptr_t indices, uintptr_t W, uintptr_t bias, uintptr_t out, int64_t M,
                    int64_t k, int64_t N, int64_t D, int dtype, int nthreads);

@@ -14,6 +14,11 @@ void register_cpu(py::module_& m) {
         "values[M,k], indices[M,k] <- top-k of pre[M,N] (+bias[N]) with ReLU; NaN largest, ties to lower index",
         py::arg("pre"), py::arg("bias"), py::arg("values"), py::arg("indices"), py::arg("M"), py::arg("N"),
         py::arg("k"), py::arg("dtype"), py::arg("nthreads"));
+  m.def("cpu_relu_select", &cpu::relu_select, release(),
+        "values/indices[M,k_max], counts[M] <- entries of pre[M,N] (+bias) above threshold, ascending index",
+        py::arg("pre"), py::arg("bias"), py::arg("threshold"), py::arg("threshold_value"), py::arg("values"),
+        py::arg("indices"), py::arg("counts"), py::arg("M"), py::arg("N"), py::arg("k_max"), py::arg("dtype"),
+        py::arg("nthreads"));
   m.def("cpu_gather_matmul", &cpu::gather_matmul, release(),
         "out[M,D] = sum_j values[m,j] * W[indices[m,j]] (+bias[D])", py::arg("values"), py::arg("indices"),
         py::arg("W"), py::arg("bias"), py::arg("out"), py::arg("M"), py::arg("k"), py::arg("N"), py::arg("D"),

@@ -98,6 +98,30 @@ def topk_relu(pre: Tensor, k: int, bias: Optional[Tensor] = None) -> Tuple[Tenso
     return values, indices
 
 
+def encode_relu(x: Tensor, W: Tensor, b: Optional[Tensor], k_max: int, threshold=None) -> Tuple[Tensor, Tensor, Tensor]:
+    """The GEMM through torch, then one pass per row selecting s = pre + b > threshold."""
+    _check_float("x", x)
+    pre = x @ W.t()
+    M, N = pre.shape
+    if not 1 <= k_max <= N:
+        raise ValueError(f"cpu backend: k_max must satisfy 1 <= k_max <= N={N}, got {k_max}")
+    _check_bias(b, N, x.dtype)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    thr = threshold.to(acc).contiguous() if isinstance(threshold, Tensor) else None
+    if thr is not None and tuple(thr.shape) != (N,):
+        raise ValueError(f"cpu backend: threshold must have shape ({N},), got {tuple(thr.shape)}")
+    thr_value = 0.0 if thr is not None or threshold is None else float(threshold)
+    values = torch.empty(M, k_max, dtype=x.dtype)
+    indices = torch.empty(M, k_max, dtype=torch.int64)
+    counts = torch.empty(M, dtype=torch.int64)
+    if M:
+        _lib().cpu_relu_select(
+            _native.ptr(pre), _native.ptr(b), _native.ptr(thr), thr_value, _native.ptr(values),
+            _native.ptr(indices), _native.ptr(counts), M, N, k_max, _native.dtype_code(x), _threads(),
+        )
+    return values, indices, counts
+
+
 def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     _check_float("W", W)
     _check("values", values, W.dtype)
