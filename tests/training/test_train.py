@@ -1,0 +1,178 @@
+"""The loop end to end on the micro pair: exact resume, NaN stop, atomic checkpoints, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+from training import checkpoint as ckpt
+from training.train import main
+from tests.training.conftest import make_pair, micro_args, read_metrics, write_data
+
+DETERMINISTIC = ("step", "epoch", "lr", "loss", "kl", "sparsity", "nmse", "bridge", "grad_norm", "l0", "l0_layers",
+                 "tokens")
+
+
+def _strip(recs):
+    return [{k: r[k] for k in DETERMINISTIC} for r in recs]
+
+
+def test_run_logs_checkpoints_and_saves_the_model(micro, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(micro_args(micro, out, save_every=2, n_generations=2, max_new_tokens=8)) == 0
+    train = read_metrics(out)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(k in train[0] for k in ("loss", "kl", "sparsity", "nmse", "bridge", "l0_layers", "grad_norm", "lr"))
+    val = read_metrics(out, "val")
+    assert [v["when"] for v in val] == ["start", "end"]
+    assert val[0]["kl"] == pytest.approx(val[0]["kl_hybrid"])  # the adapted model starts at the hybrid
+    for key in ("top1", "top1_hybrid", "nmse_layers", "l0_layers", "dead_layers"):
+        assert key in val[-1]
+    assert len(val[-1]["nmse_layers"]) == 3 and len(val[-1]["l0_layers"]) == 2
+    cks = ckpt.list_checkpoints(str(out))
+    assert [os.path.basename(c) for c in cks] == ["step_00000002", "step_00000004"]
+    assert ckpt.latest_checkpoint(str(out)) == cks[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["generations"]) >= {"hybrid", "adapted", "reference"}
+    text = capsys.readouterr().out
+    assert "KL(reference || model)" in text and "L0 per layer" in text and "'Wait' in greedy completions" in text
+    # the final model loads back as the adapter model, with the trained adapters
+    from transformers import AutoModelForCausalLM
+
+    import tckernels.models  # noqa: F401
+
+    m = AutoModelForCausalLM.from_pretrained(str(out / "final_model"))
+    state = ckpt.adapter_state(m)
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(cks[-1], ckpt.ADAPTERS))
+    assert set(state) == set(saved)
+    for k in state:
+        torch.testing.assert_close(state[k], saved[k])
+
+
+def test_resume_logs_the_same_losses(micro, tmp_path):
+    args = dict(max_steps=5, save_every=2, n_cutoffs=2, grad_accum_steps=2)
+    full = tmp_path / "full"
+    assert main(micro_args(micro, full, **args)) == 0
+    part = tmp_path / "part"
+    assert main(micro_args(micro, part, halt_at_step=3, **args)) == 0
+    assert [r["step"] for r in read_metrics(part)] == [1, 2, 3]
+    assert os.path.basename(ckpt.latest_checkpoint(str(part))) == "step_00000003"
+    assert main(micro_args(micro, part, resume_from="latest", **args)) == 0
+    assert _strip(read_metrics(part)) == _strip(read_metrics(full))
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path, monkeypatch, capsys):
+    from training import losses
+
+    real = losses.BridgingObjective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third micro-batch = step 3
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(losses.BridgingObjective, "forward", poisoned)
+    out = tmp_path / "nan"
+    assert main(micro_args(micro, out, save_every=1, keep_checkpoints=5)) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 3" in err and "step_00000002" in err
+    assert os.path.basename(ckpt.latest_checkpoint(str(out))) == "step_00000002"
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert not (out / "final_model").exists()
+
+
+def test_checkpoint_write_is_atomic(micro, tmp_path, monkeypatch):
+    out = tmp_path / "atomic"
+    assert main(micro_args(micro, out, max_steps=2, save_every=1)) == 0
+    before = ckpt.latest_checkpoint(str(out))
+    from training.checkpoint import save_checkpoint
+
+    def boom(*a, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(str(out), 7, _model_from(micro), {"x": 1}, {})
+    assert ckpt.latest_checkpoint(str(out)) == before
+    assert not (out / "checkpoints" / "step_00000007").exists()
+
+
+def _model_from(micro):
+    from transformers import AutoModelForCausalLM
+
+    from tckernels.models import add_transcoder_adapters
+
+    return add_transcoder_adapters(AutoModelForCausalLM.from_pretrained(micro["base"]), 32, dec_bias=True)
+
+
+@pytest.fixture(scope="module")
+def other_pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    return {"vocab": make_pair(str(root / "v"), vocab_extra=3), "shape": make_pair(str(root / "s"), hidden=48)}
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing_model", "no such directory"),
+    ("not_a_model", "no config.json"),
+    ("vocab", "vocab_size: base"),
+    ("shape", "hidden_size: base"),
+    ("missing_data", "no such file"),
+    ("empty_data", "no usable examples"),
+    ("bad_resume", "not a checkpoint directory"),
+    ("too_many_cutoffs", "n_cutoffs"),
+    ("wrong_type", "max_steps: expected int"),
+])
+def test_bad_input_fails_before_training(micro, other_pairs, tmp_path, capsys, case, needle):
+    out = tmp_path / "bad"
+    over = {}
+    if case == "missing_model":
+        over["base_model"] = str(tmp_path / "nope")
+    elif case == "not_a_model":
+        over["reference_model"] = str(tmp_path)
+    elif case in ("vocab", "shape"):
+        over["base_model"] = other_pairs[case]["base"]
+    elif case == "missing_data":
+        over["train_data"] = str(tmp_path / "nope.jsonl")
+    elif case == "empty_data":
+        p = tmp_path / "empty.jsonl"
+        p.write_text("")
+        over["train_data"] = str(p)
+    elif case == "bad_resume":
+        over["resume_from"] = str(tmp_path)
+    elif case == "too_many_cutoffs":
+        over["n_cutoffs"] = 4
+    elif case == "wrong_type":
+        over["max_steps"] = "four"
+    assert main(micro_args(micro, out, **over)) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert not (out / "metrics.jsonl").exists() or not read_metrics(out)
+
+
+def test_bfloat16_model_keeps_float32_adapters(micro, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(micro_args(micro, out, dtype="bfloat16", max_steps=2)) == 0
+    from safetensors.torch import load_file
+
+    w = load_file(os.path.join(ckpt.latest_checkpoint(str(out)), ckpt.ADAPTERS))
+    assert w and all(t.dtype == torch.float32 for t in w.values())
+    state = torch.load(os.path.join(ckpt.latest_checkpoint(str(out)), ckpt.TRAINER), weights_only=False)
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    assert all(r["loss"] == r["loss"] for r in read_metrics(out))
+
+
+def test_missing_logging_backend_is_reported_before_training(micro, tmp_path, capsys):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorboard is installed here")
+    assert main(micro_args(micro, tmp_path / "tb", report_to="tensorboard")) == 2
+    assert "tensorboard is not installed" in capsys.readouterr().err

@@ -1,0 +1,212 @@
+"""Checkpoints that resume exactly, written atomically.
+
+A checkpoint is a directory ``<output_dir>/checkpoints/step_<N>/`` with
+
+* ``adapters.safetensors``: the adapter parameters under the model's state-dict names;
+* ``trainer.pt``: optimizer, scheduler, step, data position, every process's RNG states and the
+  adapters' dead-feature counters;
+* ``config.json``: the run's configuration (for people; resuming uses the current configuration).
+
+It is written to a temporary directory that is renamed into place only when complete, so a crash
+while saving never leaves a half-written checkpoint under a real name; ``checkpoints/latest`` (a
+one-line file, replaced atomically) names the newest one. Older checkpoints beyond
+``keep_checkpoints`` are removed after a new one is in place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import torch
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
+ADAPTERS = "adapters.safetensors"
+TRAINER = "trainer.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG
+# --------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    s = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if np is not None:
+        s["numpy"] = np.random.get_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if np is not None and "numpy" in s:
+        np.random.set_state(s["numpy"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# adapters
+# --------------------------------------------------------------------------------------------------
+def adapter_state(model: torch.nn.Module) -> dict:
+    """``{state-dict name: tensor}`` of the trainable (adapter) parameters, contiguous, on CPU."""
+    from tckernels.models import adapter_parameters
+
+    ids = {id(p) for p in adapter_parameters(model)}
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if id(p) in ids}
+
+
+@torch.no_grad()
+def load_adapter_state(model: torch.nn.Module, state: dict) -> None:
+    from tckernels.models import adapter_parameters
+
+    ids = {id(p) for p in adapter_parameters(model)}
+    params = {n: p for n, p in model.named_parameters() if id(p) in ids}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"the checkpoint's adapters do not match the model: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]} (different n_features, layers or backbone?)")
+    for n, p in params.items():
+        t = state[n]
+        if tuple(t.shape) != tuple(p.shape):
+            raise CheckpointError(f"{n}: checkpoint shape {tuple(t.shape)} vs model {tuple(p.shape)}")
+        p.copy_(t.to(device=p.device, dtype=p.dtype))  # in place: keeps the decoder's memory layout
+
+
+# --------------------------------------------------------------------------------------------------
+# directories
+# --------------------------------------------------------------------------------------------------
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(output_dir: str) -> list:
+    """Complete checkpoint directories, oldest first."""
+    d = checkpoints_dir(output_dir)
+    if not os.path.isdir(d):
+        return []
+    found = []
+    for name in os.listdir(d):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(d, name, TRAINER)):
+            found.append((int(m.group(1)), os.path.join(d, name)))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    d = checkpoints_dir(output_dir)
+    pointer = os.path.join(d, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        path = os.path.join(d, name)
+        if os.path.isfile(os.path.join(path, TRAINER)):
+            return path
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(output_dir: str, step: int, model, trainer_state: dict, config: dict,
+                    keep: int = 2) -> str:
+    """Write checkpoint ``step`` atomically (call on one process only); returns its directory."""
+    from safetensors.torch import save_file
+
+    root = checkpoints_dir(output_dir)
+    os.makedirs(root, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, f".{name}.tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    save_file(adapter_state(model), os.path.join(tmp, ADAPTERS), metadata={"step": str(step)})
+    torch.save(trainer_state, os.path.join(tmp, TRAINER))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=1, default=str)
+    for fn in os.listdir(tmp):
+        with open(os.path.join(tmp, fn), "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # the same step saved again (e.g. after a resume): swap it out
+        old = os.path.join(root, f".{name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    _write_text_atomic(os.path.join(root, "latest"), name + "\n")
+    for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        if os.path.abspath(old) != os.path.abspath(final):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]:
+    """The checkpoint directory that ``resume_from`` names (``"latest"``: the newest in output_dir)."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            raise CheckpointError(f"--resume_from latest: no checkpoint in {checkpoints_dir(output_dir)}")
+        return path
+    path = resume_from
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, TRAINER)):
+        inner = latest_checkpoint(path) or (latest_checkpoint(os.path.dirname(path))
+                                            if os.path.basename(path) == "checkpoints" else None)
+        if inner is not None:
+            return inner
+    if not os.path.isfile(os.path.join(path, TRAINER)) or not os.path.isfile(os.path.join(path, ADAPTERS)):
+        raise CheckpointError(f"--resume_from {path!r}: not a checkpoint directory "
+                              f"(expected {ADAPTERS} and {TRAINER} in it)")
+    return path
+
+
+def load_checkpoint(path: str, model) -> dict:
+    """Load the adapters into ``model`` and return the trainer state."""
+    from safetensors.torch import load_file
+
+    try:
+        load_adapter_state(model, load_file(os.path.join(path, ADAPTERS)))
+        return torch.load(os.path.join(path, TRAINER), map_location="cpu", weights_only=False)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None

@@ -1,0 +1,482 @@
+"""Train transcoder adapters so a base model behaves like a reference model (bridging distillation).
+
+    python -m training.train                                   # the embedded tiny default, minutes on a CPU
+    python -m training.train --config training/configs/r1_distil_7b.yaml [--field value ...]
+    torchrun --nproc_per_node 8 -m training.train --config ...  # data parallel (nccl on GPUs, gloo on CPU)
+    python -m training.train --help                            # every field
+
+The loop, in order: check the configuration, files and model pair (every problem is reported before
+any training); build the adapted model (the reference with the base model's MLPs, plus adapters, for
+``backbone: target``); validate the hybrid start; then per optimizer step ``grad_accum_steps``
+micro-batches of ``BridgingObjective`` (see ``training/losses.py`` for the objective), gradient
+clipping, AdamW on the adapter parameters only (float32), a cosine schedule with warmup; metrics to
+``<output_dir>/metrics.jsonl`` and the progress bar; checkpoints every ``save_every`` steps; a
+non-finite loss or gradient stops the run and leaves the last good checkpoint in place. At the end:
+validation, sample generations, ``summary.json`` and the adapted model (``final_model/``, HF format).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from training import checkpoint as ckpt
+from training.config import Config, ConfigError, help_text, load_config
+from training.data import DataError, ResumableBatches, load_records, load_tokenizer, prepare_examples
+from training.evaluate import sample_generations, validate
+from training.losses import BridgingObjective, sample_cutoffs
+from training.reporting import Reporter, progress_bar, report, say
+
+
+class SetupError(RuntimeError):
+    """Models, devices or logging backends that cannot be used; raised before training starts."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN or infinite loss or gradient."""
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------------
+# processes and devices
+# --------------------------------------------------------------------------------------------------
+class Dist:
+    def __init__(self, cfg: Config):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local = int(os.environ.get("LOCAL_RANK", "0"))
+        want = cfg.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise SetupError(f"device {cfg.device!r}: CUDA is not available")
+            self.device = torch.device(f"cuda:{self.local}" if want == "cuda" else want)
+            torch.cuda.set_device(self.device)
+        elif want == "cpu":
+            self.device = torch.device("cpu")
+        else:
+            raise SetupError(f"device {cfg.device!r}: expected auto, cpu, cuda or cuda:N")
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend)
+        self.main = self.rank == 0
+
+    def all_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.world
+        return t
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def gather_objects(self, obj):
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# setup: everything that can fail does so here, before the first step
+# --------------------------------------------------------------------------------------------------
+def _check_model_path(name: str, path: str) -> None:
+    if os.path.exists(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise SetupError(f"{name} {path!r}: no config.json in it (not a Hugging Face model directory)")
+        return
+    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+        raise SetupError(f"{name} {path!r}: no such directory (and not a hub id like 'org/name')")
+
+
+def _load_config_of(name: str, path: str):
+    from transformers import AutoConfig
+
+    import tckernels.models  # noqa: F401  (registers the adapter model type)
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise SetupError(f"{name} {path!r}: cannot read its configuration ({type(e).__name__}: {e})") from None
+
+
+def check_pair_configs(cb, cr) -> None:
+    problems = []
+    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads"):
+        if getattr(cb, f, None) != getattr(cr, f, None):
+            problems.append(f"{f}: base {getattr(cb, f, None)} vs reference {getattr(cr, f, None)}")
+    if problems:
+        raise SetupError("the base and reference models are not a pair (their vocabularies or shapes differ):\n  "
+                         + "\n  ".join(problems))
+
+
+def _load_model(name: str, path: str, cfg: Config, device):
+    from transformers import AutoModelForCausalLM
+
+    kw = {"dtype": DTYPES[cfg.dtype]}
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    except Exception as e:
+        raise SetupError(f"{name} {path!r}: cannot load the model ({type(e).__name__}: {e})") from None
+    model.to(device)
+    model.eval()
+    return model
+
+
+def build_models(cfg: Config, device):
+    """(adapted model, reference model). For ``backbone: target`` the adapted model is the reference
+    with every MLP replaced by the base model's (the hybrid) plus adapters; for ``base`` it is the
+    base model plus adapters. Adapters start at the seed's initialisation (decoder 0), so the adapted
+    model starts exactly at its backbone."""
+    from tckernels.models import add_transcoder_adapters, build_hybrid
+    from tckernels.models.qwen2 import convert_to_transcoder_model, is_plain_qwen2_causal_lm
+
+    from training.forward_utils import check_compatible
+
+    adapter_kw = dict(activation=cfg.activation, dec_bias=cfg.dec_bias, dtype=DTYPES[cfg.adapter_dtype],
+                      seed=cfg.seed)
+    if cfg.activation == "topk":
+        adapter_kw["k"] = cfg.topk
+    base = _load_model("base_model", cfg.base_model, cfg, device)
+    try:
+        if cfg.backbone == "target":
+            target = _load_model("reference_model", cfg.reference_model, cfg, device)
+            check_compatible(base, target)
+            adapted = build_hybrid(target, base, cfg.n_features, **adapter_kw)
+            del base
+        else:
+            if is_plain_qwen2_causal_lm(base):
+                adapted = convert_to_transcoder_model(base, cfg.n_features, **adapter_kw)
+            else:
+                adapted = add_transcoder_adapters(base, cfg.n_features, **adapter_kw)
+        reference = _load_model("reference_model", cfg.reference_model, cfg, device)
+        check_compatible(adapted, reference)
+    except (ValueError, TypeError) as e:
+        raise SetupError(str(e)) from None
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    adapted.to(device)
+    return adapted, reference
+
+
+def load_data(cfg: Config, tokenizer, vocab_size: int):
+    train_records = load_records(cfg.train_data, cfg.train_split)
+    if cfg.val_data:
+        val_records = load_records(cfg.val_data, cfg.val_split)
+    elif cfg.val_size:
+        if cfg.val_size >= len(train_records):
+            raise DataError(f"val_size={cfg.val_size} leaves no training data ({len(train_records)} records)")
+        val_records, train_records = train_records[-cfg.val_size:], train_records[:-cfg.val_size]
+    else:
+        val_records = []
+    if cfg.max_train_examples:
+        train_records = train_records[:cfg.max_train_examples]
+    if cfg.max_val_examples:
+        val_records = val_records[:cfg.max_val_examples]
+    common = dict(tokenizer=tokenizer, fmt=cfg.chat_format, loss_on_prompt=cfg.loss_on_prompt,
+                  max_seq_len=cfg.max_seq_len, truncation=cfg.truncation, vocab_size=vocab_size)
+    train = prepare_examples(train_records, name=f"train_data {cfg.train_data!r}", **common)
+    val = prepare_examples(val_records, name="validation data", **common) if val_records else []
+    return train, val, val_records
+
+
+def preflight(cfg: Config) -> None:
+    """Cheap checks of everything named in the configuration."""
+    _check_model_path("base_model", cfg.base_model)
+    _check_model_path("reference_model", cfg.reference_model)
+    if cfg.tokenizer:
+        if not os.path.exists(cfg.tokenizer) and cfg.tokenizer.count("/") != 1:
+            raise SetupError(f"tokenizer {cfg.tokenizer!r}: no such directory")
+    if cfg.report_to == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SetupError("report_to: wandb is not installed (pip install wandb)") from None
+    if cfg.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise SetupError("report_to: tensorboard is not installed (pip install tensorboard)") from None
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    except OSError as e:
+        raise SetupError(f"output_dir {cfg.output_dir!r}: cannot create it ({e})") from None
+    if not os.access(cfg.output_dir, os.W_OK):
+        raise SetupError(f"output_dir {cfg.output_dir!r} is not writable")
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    warmup = int(round(warmup_ratio * total_steps))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------
+def run(cfg: Config) -> dict:
+    t_start = time.time()
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the per-model "Loading weights" bars
+    except ImportError:  # pragma: no cover
+        pass
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    pg = Dist(cfg)
+    try:
+        return _run(cfg, pg, t_start)
+    finally:
+        pg.close()
+
+
+def _run(cfg: Config, pg: Dist, t_start: float) -> dict:
+    device = pg.device
+    preflight(cfg)
+    resume_path = ckpt.resolve_resume(cfg.resume_from, cfg.output_dir)
+    cb = _load_config_of("base_model", cfg.base_model)
+    cr = _load_config_of("reference_model", cfg.reference_model)
+    check_pair_configs(cb, cr)
+    if cfg.n_cutoffs > cr.num_hidden_layers + 1:
+        raise ConfigError(f"n_cutoffs: {cfg.n_cutoffs} > the {cr.num_hidden_layers + 1} possible cut-offs")
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.reference_model)
+    except Exception as e:
+        raise SetupError(f"tokenizer {cfg.tokenizer or cfg.reference_model!r}: cannot load it ({e})") from None
+    train_ex, val_ex, val_records = load_data(cfg, tokenizer, cr.vocab_size)
+    batches = ResumableBatches(train_ex, cfg.micro_batch_size, tokenizer.pad_token_id, seed=cfg.seed,
+                               rank=pg.rank, world_size=pg.world)
+
+    adapted, reference = build_models(cfg, device)
+    objective = BridgingObjective(adapted, reference, cfg.lambda_adapt, cfg.l1_weight, cfg.lambda_nmse,
+                                  cfg.lambda_bridge, cfg.kl_chunk_tokens, cfg.gradient_checkpointing)
+    from tckernels.models import adapter_parameters
+
+    params = adapter_parameters(adapted)  # in adapter_dtype (float32 by default) whatever the model's dtype
+    model_for_step = objective
+    if pg.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        trainable = {id(p) for p in params}
+        ignore = [f"adapted.{n}" for n, p in adapted.named_parameters() if id(p) not in trainable]
+        ignore += [f"adapted.{n}" for n, _ in adapted.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(objective, ignore)
+        model_for_step = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                             broadcast_buffers=False)
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, batches.micro_batches_per_epoch // cfg.grad_accum_steps)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.warmup_ratio,
+                                                                       cfg.min_lr_ratio))
+    step, tokens_seen, start_eval = 0, 0, None
+    # per layer and feature: scored training tokens (all processes) since it last fired (dead features)
+    silent_for = torch.zeros(objective.n_layers, cfg.n_features, dtype=torch.int64, device=device)
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(resume_path, adapted)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        batches.load_state_dict(state["data"])
+        step, tokens_seen, start_eval = state["step"], state["tokens"], state.get("start_eval")
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[pg.rank] if pg.rank < len(rngs) else rngs[0])
+        silent_for.copy_(state["silent_for"])
+    reporter = Reporter(cfg, pg.main, step if resume_path is not None else None)
+    n_params = sum(p.numel() for p in params)
+    if pg.main:
+        print(f"transcoder adapters: {objective.n_layers} layers x {cfg.n_features} features "
+              f"({n_params / 1e6:.2f}M trainable), backbone {cfg.backbone}, {len(train_ex)} training / "
+              f"{len(val_ex)} validation sequences, {total_steps} steps of {cfg.grad_accum_steps} x "
+              f"{cfg.micro_batch_size} x {pg.world} sequences, device {device}"
+              + (f", resumed from {resume_path} at step {step}" if resume_path else ""), flush=True)
+
+    def do_validate(tag):
+        if not val_ex:
+            return None
+        v = validate(objective, val_ex, tokenizer.pad_token_id, cfg.val_batch_size, device, with_hybrid=True,
+                     dead_counters=silent_for, dead_after_tokens=cfg.dead_after_tokens)
+        reporter.log({"step": step, "split": "val", "when": tag, **v})
+        return v
+
+    if start_eval is None and pg.main:
+        start_eval = do_validate("start")
+        if start_eval:
+            print(f"validation at the start: KL(reference || hybrid) {start_eval['kl_hybrid']:.4f}, "
+                  f"top-1 agreement {100 * start_eval['top1_hybrid']:.1f}%", flush=True)
+    pg.barrier()
+
+    def trainer_state():
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "tokens": tokens_seen, "data": batches.state_dict(), "rng": rng_all,
+                "start_eval": start_eval, "silent_for": silent_for.cpu()}
+
+    last_good = resume_path
+    bar = progress_bar(total_steps, step, pg.main and cfg.progress_bar)
+    text_every = max(1, total_steps // 20)  # progress lines when there is no bar (not a terminal)
+    L = objective.n_layers
+    t0 = time.time()
+    halted = False
+    try:
+        while step < total_steps:
+            adapted.train()
+            sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss kl sparsity nmse bridge
+            l0_layers = torch.zeros(L, dtype=torch.float64, device=device)
+            step_tokens = torch.zeros((), dtype=torch.float64, device=device)
+            fired = torch.zeros(L, cfg.n_features, dtype=torch.bool, device=device)
+            for micro in range(cfg.grad_accum_steps):
+                batch = {k: v.to(device) for k, v in batches.next().items()}
+                g = torch.Generator().manual_seed(
+                    (cfg.seed * 1_000_003 + (step * cfg.grad_accum_steps + micro) * 7_919 + pg.rank) % (2**63))
+                cutoffs = sample_cutoffs(L, cfg.n_cutoffs, g)
+                sync = contextlib.nullcontext()
+                if pg.enabled and micro < cfg.grad_accum_steps - 1:
+                    sync = model_for_step.no_sync()
+                with sync:
+                    out = model_for_step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], cutoffs)
+                    (out["loss"] / cfg.grad_accum_steps).backward()
+                n_tok = batch["loss_mask"].sum().double()
+                sums += torch.stack([out["loss"].detach().double(), out["kl"].double(), out["sparsity"].double(),
+                                     out["nmse"].double(), out["bridge"].double()]) / cfg.grad_accum_steps
+                l0_layers += out["l0_layers"].double() * n_tok  # L0 is a mean over all scored tokens
+                step_tokens += n_tok
+                fired |= out["fired"]
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            vals = pg.all_mean(torch.cat([sums, l0_layers, step_tokens.reshape(1),
+                                          grad_norm.detach().double().reshape(1).to(device)]))
+            vals = vals.cpu().tolist()
+            loss, kl, s_term, nmse, bridge = vals[:5]
+            l0_per_layer = [x / max(vals[-2], 1e-9) for x in vals[5:5 + L]]
+            l0 = sum(l0_per_layer) / L
+            gn = vals[-1]
+            new_tokens = int(round(vals[-2] * pg.world))  # scored tokens of every process
+            tokens_seen += new_tokens
+            if pg.enabled:
+                fired_any = fired.to(torch.int32)
+                dist.all_reduce(fired_any, op=dist.ReduceOp.MAX)
+                fired = fired_any.bool()
+            silent_for += new_tokens
+            silent_for.masked_fill_(fired, 0)
+            if not all(math.isfinite(x) for x in (loss, kl, s_term, nmse, bridge, gn)):
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1} "
+                    f"(loss {loss}, kl {kl}, sparsity {s_term}, nmse {nmse}, bridge {bridge}, grad norm {gn}); "
+                    f"stopping without an optimizer step. {where}"
+                    + (f" (resume with --resume_from {last_good}, e.g. with a lower learning_rate)" if last_good else ""))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            rec = {"step": step, "split": "train", "epoch": round(batches.epoch + batches.offset / len(train_ex), 4),
+                   "lr": lr, "loss": loss, "kl": kl, "sparsity": s_term, "nmse": nmse, "bridge": bridge,
+                   "grad_norm": gn, "l0": l0, "l0_layers": l0_per_layer, "tokens": tokens_seen,
+                   "elapsed_s": round(time.time() - t0, 3)}
+            if step % cfg.log_every == 0 or step == total_steps:
+                reporter.log(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", kl=f"{kl:.4f}", bridge=f"{bridge:.4f}", nmse=f"{nmse:.4f}",
+                                l0=f"{l0:.1f}", refresh=False)
+            elif pg.main and cfg.progress_bar and (step % text_every == 0 or step == total_steps):
+                print(f"step {step}/{total_steps}  loss {loss:.4f}  kl {kl:.4f}  bridge {bridge:.4f}  "
+                      f"nmse {nmse:.4f}  sparsity {s_term:.3f}  l0 {l0:.1f}  lr {lr:.2e}  "
+                      f"{time.time() - t0:.0f}s", flush=True)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and pg.main:
+                v = do_validate("periodic")
+                if v:
+                    say(bar, f"step {step}: validation KL {v['kl']:.4f} (hybrid {v['kl_hybrid']:.4f}), "
+                              f"top-1 {100 * v['top1']:.1f}%, L0 {v['l0']:.2f}")
+            halted = cfg.halt_at_step is not None and step >= cfg.halt_at_step and step < total_steps
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or halted:
+                rng_all = pg.gather_objects(ckpt.rng_state())
+                if pg.main:
+                    last_good = ckpt.save_checkpoint(cfg.output_dir, step, adapted, trainer_state(), cfg.to_dict(),
+                                                     cfg.keep_checkpoints)
+                pg.barrier()
+            if halted:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+
+    summary = {"steps": step, "total_steps": total_steps, "train_seconds": round(time.time() - t0, 1),
+               "tokens": tokens_seen, "dead_after_tokens": cfg.dead_after_tokens, "start": start_eval,
+               "checkpoint": last_good}
+    if halted:
+        if pg.main:
+            print(f"halted after step {step} of {total_steps} (halt_at_step); checkpoint {last_good}", flush=True)
+        summary["halted"] = True
+        reporter.close()
+        return summary
+    if pg.main:
+        summary["final"] = do_validate("end")
+        if cfg.n_generations and val_records:
+            adapted.eval()
+            summary["generations"] = sample_generations(objective, tokenizer, val_records, cfg.chat_format,
+                                                        cfg.n_generations, cfg.max_new_tokens, cfg.hesitation_word,
+                                                        device)
+        if cfg.save_final_model:
+            out_dir = os.path.join(cfg.output_dir, "final_model")
+            adapted.save_pretrained(out_dir)
+            tokenizer.save_pretrained(out_dir)
+            summary["final_model"] = out_dir
+        summary["total_seconds"] = round(time.time() - t_start, 1)
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(report(summary, cfg.hesitation_word), flush=True)
+        print(f"(metrics: {reporter.path}; summary: {os.path.join(cfg.output_dir, 'summary.json')}; "
+              f"{summary['total_seconds']:.0f} s in all)", flush=True)
+    pg.barrier()
+    reporter.close()
+    return summary
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
+    try:
+        cfg = load_config(argv)
+        run(cfg)
+    except (ConfigError, DataError, SetupError, ckpt.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
