@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tckernels.nn.bilinear import BilinearMLP, BilinearTranscoder
+from tests.nn import OriginalBilinear
 
 
 class PublishedBilinear(torch.nn.Module):
@@ -77,19 +78,6 @@ def test_bilinear_no_outer_product_intermediate():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         m(x).sum().backward()
     assert max(sizes) < 64 * 256 * 512 / 16
-
-
-class OriginalBilinear(torch.nn.Module):
-    """The original code's layout: head(left(x) * right(x))."""
-
-    def __init__(self, d_in, d_hidden, d_out, bias):
-        super().__init__()
-        self.left = torch.nn.Linear(d_in, d_hidden, bias=bias)
-        self.right = torch.nn.Linear(d_in, d_hidden, bias=bias)
-        self.head = torch.nn.Linear(d_hidden, d_out, bias=bias)
-
-    def forward(self, x):
-        return self.head(self.left(x) * self.right(x))
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tckernels.nn.bilinear import BilinearMLP, BilinearTranscoder
+from tests.nn import OriginalBilinear
 from tckernels.nn.crosslayer import CrossLayerTranscoder
 from tckernels.nn.formats import (
     FormatError,
@@ -258,20 +259,9 @@ def test_torch_load_trust_pickle_opt_in(tmp_path):
     assert _SIDE_EFFECTS == [("ran code from the checkpoint",)]
 
 
-class OriginalBilinear(torch.nn.Module):
-    def __init__(self, d_in, d_hidden, d_out, bias):
-        super().__init__()
-        self.left = torch.nn.Linear(d_in, d_hidden, bias=bias)
-        self.right = torch.nn.Linear(d_in, d_hidden, bias=bias)
-        self.head = torch.nn.Linear(d_hidden, d_out, bias=False)
-
-    def forward(self, x):
-        return self.head(self.left(x) * self.right(x))
-
-
 @pytest.mark.parametrize("bias", [True, False])
 def test_bilinear_original_layout(tmp_path, bias):
-    ref = OriginalBilinear(8, 16, 6, bias)
+    ref = OriginalBilinear(8, 16, 6, bias, head_bias=False)
     p = tmp_path / "orig.pt"
     torch.save({"model_state_dict": ref.state_dict()}, p)
     m = load_bilinear_pythia(p)
