@@ -368,6 +368,124 @@ def test_scatter_matmul(dtype):
     assert (T.scatter_matmul(values[:0], indices[:0], G[:0], N) == 0).all()
 
 
+# every launch configuration ------------------------------------------------------------------
+# Autotuning may pick any configuration of a kernel's list for some shape, but the tests above run
+# one per kernel (the interpreter's small one; on a GPU, with TCK_TRITON_AUTOTUNE=0, the first
+# valid one). Here each configuration is forced in turn, on shapes that leave partial row, column
+# and K blocks for every block size in the lists (under the interpreter: the block sizes; on a GPU:
+# the whole configuration, warps, stages and register caps included).
+
+
+def _launchers():
+    """Every autotuned kernel launch of the backend, by the op it serves."""
+    return {"encode_topk": _select._gemm_launcher, "topk_relu": _select._pre_launcher,
+            "encode_relu": T.encode._relu_launcher, "gather_matmul": T.gather._gm_launcher,
+            "gather_dot": T.gather._gd_launcher, "scatter_matmul": T.scatter._sa_launcher}
+
+
+def _cases(*ops):
+    if _REASON is not None:
+        return []
+    launchers = _launchers()
+    return [pytest.param(op, i, id=f"{op}-{i}") for op in ops for i in range(len(launchers[op].configs))]
+
+
+def _force(monkeypatch, op, i):
+    launcher = _launchers()[op]
+    config = launcher.configs[i]
+    if T._common.INTERPRET:
+        monkeypatch.setattr(launcher, "interp_meta", dict(config.kwargs))
+    else:
+        monkeypatch.setenv("TCK_TRITON_AUTOTUNE", "0")
+        monkeypatch.setattr(launcher, "configs", [config])
+        monkeypatch.setattr(launcher, "prune", None)
+
+
+def test_every_launcher_is_covered():
+    from tckernels.backends.triton import _common
+
+    found = {id(v) for mod in (_select, T.encode, T.gather, T.scatter) for v in vars(mod).values()
+             if isinstance(v, _common.Launcher)}
+    assert found == {id(v) for v in _launchers().values()}
+
+
+# spans must be multiples of every configuration's BN; 600 columns: three groups, the last partial
+_SPAN = 256
+
+
+@pytest.mark.parametrize("tma", ["0", "1"])
+@pytest.mark.parametrize("op,i", _cases("encode_topk"))
+def test_every_config_encode_topk(op, i, tma, monkeypatch):
+    if GPU and tma == "1" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need compute capability 9+")
+    _force(monkeypatch, op, i)
+    monkeypatch.setattr(_select, "TMA", tma)
+    dtype = torch.bfloat16
+    M, D, N, k = 70, 72, 600, 12  # M % BM != 0 and D % BK != 0 for every configuration
+    x = ints((M, D), -1, 1, 60, dtype)
+    W = ints((N, D), -1, 1, 61, dtype)
+    b = ints((N,), -3, 3, 62, dtype)
+    ref = R.encode_topk(x, W, b, k)
+    for cp in (8, 16):  # lists shorter than k (flags, exact recomputation), then exact mode
+        assert_topk_equal(T.encode_topk(x, W, b, k, span=_SPAN, cp=cp), ref)
+
+
+@pytest.mark.parametrize("op,i", _cases("topk_relu"))
+def test_every_config_topk_relu(op, i, monkeypatch):
+    _force(monkeypatch, op, i)
+    M, N, k = 70, 600, 12
+    pre = randn((M, N), 63, torch.bfloat16)
+    bias = randn((N,), 64, torch.bfloat16)
+    pre[0] = -pre[0].abs() - 1
+    ref = R.topk_relu(pre, k, bias)
+    for cp in (8, 16):
+        assert_topk_equal(T.topk_relu(pre, k, bias, span=_SPAN, cp=cp), ref)
+
+
+@pytest.mark.parametrize("op,i", _cases("encode_relu"))
+def test_every_config_encode_relu(op, i, monkeypatch):
+    _force(monkeypatch, op, i)
+    M, D, N, k_max = 70, 72, 300, 6  # N % BN != 0 for BN in (128, 256)
+    x = ints((M, D), -1, 1, 65)
+    W = ints((N, D), -1, 1, 66)
+    b = ints((N,), -8, 0, 67)
+    x[::2, 8:] = 0  # every other row: few active entries
+    v, idx, c = T.encode_relu(x, W, b, k_max, 1.5)
+    rv, ri, rc = relu_formula(x, W, b, k_max, 1.5)
+    assert (rc > k_max).any() and (rc < k_max).any()
+    assert torch.equal(c, rc) and torch.equal(idx, ri) and torch.equal(v.double(), rv)
+
+
+@pytest.mark.parametrize("op,i", _cases("gather_matmul", "gather_dot", "scatter_matmul"))
+def test_every_config_gather_scatter(op, i, monkeypatch):
+    _force(monkeypatch, op, i)
+    dtype = torch.bfloat16
+    M, k, N, D = 37, 5, 23, 300  # M % BM != 0 and D % BD != 0 for every block size listed
+    values = randn((M, k), 68, dtype)
+    indices = torch.randint(0, N, (M, k), generator=gen(69)).to(DEV)
+    W = randn((N, D), 70, dtype)
+    G = randn((M, D), 71, dtype)
+    if op == "gather_matmul":
+        bias = randn((D,), 72, dtype)
+        _close(T.gather_matmul(values, indices, W, bias), R.gather_matmul(values, indices, W, bias), dtype, 4)
+    elif op == "gather_dot":
+        _close(T.gather_dot(G, indices, W), R.gather_dot(G, indices, W), dtype, 8)
+    else:
+        _close(T.scatter_matmul(values, indices, G, N), R.scatter_matmul(values, indices, G, N), dtype, 8)
+
+
+def test_deterministic_scatter_gpu_configuration(monkeypatch):
+    """The deterministic scatter's fixed GPU configuration, also under the interpreter."""
+    monkeypatch.setattr(T.scatter, "_SORTED_META", {"RB": 8, "BE": 16, "BD": 128, "num_warps": 4})
+    dtype = torch.bfloat16
+    M, k, N, D = 37, 5, 23, 300
+    values = randn((M, k), 73, dtype)
+    indices = torch.randint(0, N, (M, k), generator=gen(74)).to(DEV)
+    indices[:, 0] = 4  # 37 rows into one feature: more than BE entries in a segment
+    G = randn((M, D), 75, dtype)
+    _close(T.scatter_matmul(values, indices, G, N, True), R.scatter_matmul(values, indices, G, N), dtype, 8)
+
+
 # compilation for the GPU, without one ------------------------------------------------------------
 
 _COMPILE_SCRIPT = r'''
