@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from tckernels import _native
+from tckernels.backends._operands import Operands
 
 DEVICES = ("cpu",)
 
-_FLOATS = tuple(_native.DTYPE_CODES)
+_args = Operands("cpu", "cpu", _native.DTYPE_CODES)
 
 
 def unavailable_reason() -> Optional[str]:
@@ -45,49 +46,17 @@ def _lib():
     return C
 
 
-def _check(name: str, t: Tensor, dtype: Optional[torch.dtype] = None, ndim: int = 2) -> None:
-    if t.device.type != "cpu":
-        raise ValueError(f"cpu backend: {name} must be a CPU tensor, got device {t.device}")
-    if t.dim() != ndim:
-        raise ValueError(f"cpu backend: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"cpu backend: {name} must be contiguous")
-    if dtype is not None and t.dtype != dtype:
-        raise ValueError(f"cpu backend: {name} must have dtype {dtype}, got {t.dtype}")
-
-
-def _check_float(name: str, t: Tensor) -> None:
-    _check(name, t)
-    if t.dtype not in _FLOATS:
-        raise ValueError(f"cpu backend: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-
-
-def _check_bias(t: Optional[Tensor], size: int, dtype: torch.dtype) -> None:
-    if t is None:
-        return
-    _check("bias", t, dtype, ndim=1)
-    if t.shape[0] != size:
-        raise ValueError(f"cpu backend: bias must have shape ({size},), got {tuple(t.shape)}")
-
-
-def _check_indices(indices: Tensor, M: int) -> int:
-    _check("indices", indices, torch.int64)
-    if indices.shape[0] != M:
-        raise ValueError(f"cpu backend: indices must have {M} rows, got shape {tuple(indices.shape)}")
-    return indices.shape[1]
-
-
 def _threads() -> int:
     return torch.get_num_threads()
 
 
 def topk_relu(pre: Tensor, k: int, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    _check_float("pre", pre)
+    _args.floating("pre", pre)
     M, N = pre.shape
     k = int(k)
     if not 0 <= k <= N:
         raise ValueError(f"cpu backend: k must satisfy 0 <= k <= N={N}, got {k}")
-    _check_bias(bias, N, pre.dtype)
+    _args.bias(bias, N, pre)
     values = torch.empty(M, k, dtype=pre.dtype)
     indices = torch.empty(M, k, dtype=torch.int64)
     if M and k:
@@ -100,12 +69,12 @@ def topk_relu(pre: Tensor, k: int, bias: Optional[Tensor] = None) -> Tuple[Tenso
 
 def encode_relu(x: Tensor, W: Tensor, b: Optional[Tensor], k_max: int, threshold=None) -> Tuple[Tensor, Tensor, Tensor]:
     """The GEMM through torch, then one pass per row selecting s = pre + b > threshold."""
-    _check_float("x", x)
+    _args.floating("x", x)
     pre = x @ W.t()
     M, N = pre.shape
     if not 1 <= k_max <= N:
         raise ValueError(f"cpu backend: k_max must satisfy 1 <= k_max <= N={N}, got {k_max}")
-    _check_bias(b, N, x.dtype)
+    _args.bias(b, N, x)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     thr = threshold.to(acc).contiguous() if isinstance(threshold, Tensor) else None
     if thr is not None and tuple(thr.shape) != (N,):
@@ -123,13 +92,13 @@ def encode_relu(x: Tensor, W: Tensor, b: Optional[Tensor], k_max: int, threshold
 
 
 def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    _check_float("W", W)
-    _check("values", values, W.dtype)
+    _args.floating("W", W)
+    _args.tensor("values", values, W.device, W.dtype)
     M, k = values.shape
-    if _check_indices(indices, M) != k:
+    if _args.indices(indices, M, W.device) != k:
         raise ValueError(f"cpu backend: indices must have shape {(M, k)}, got {tuple(indices.shape)}")
     N, D = W.shape
-    _check_bias(bias, D, W.dtype)
+    _args.bias(bias, D, W)
     out = torch.empty(M, D, dtype=W.dtype)
     if M and D:
         _lib().cpu_gather_matmul(
@@ -140,10 +109,10 @@ def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Ten
 
 
 def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    _check_float("G", G)
-    _check("W", W, G.dtype)
+    _args.floating("G", G)
+    _args.tensor("W", W, G.device, G.dtype)
     M, D = G.shape
-    k = _check_indices(indices, M)
+    k = _args.indices(indices, M, G.device)
     N = W.shape[0]
     if W.shape[1] != D:
         raise ValueError(f"cpu backend: W must have {D} columns like G, got shape {tuple(W.shape)}")
@@ -158,10 +127,10 @@ def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 
 def scatter_matmul(values: Tensor, indices: Tensor, G: Tensor, n_rows: int, deterministic: bool = False) -> Tensor:
     # Always the deterministic algorithm on the CPU (see the module docstring).
-    _check_float("G", G)
-    _check("values", values, G.dtype)
+    _args.floating("G", G)
+    _args.tensor("values", values, G.device, G.dtype)
     M, D = G.shape
-    k = _check_indices(indices, M)
+    k = _args.indices(indices, M, G.device)
     if tuple(values.shape) != (M, k):
         raise ValueError(f"cpu backend: values must have shape {(M, k)}, got {tuple(values.shape)}")
     n_rows = int(n_rows)

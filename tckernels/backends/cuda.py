@@ -30,12 +30,13 @@ import torch
 from torch import Tensor
 
 from tckernels import _native
+from tckernels.backends._operands import Operands
 from tckernels.backends import reference as _reference
 
 DEVICES = ("cuda",)
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FLOATS = _KERNEL_DTYPES + (torch.float64,)
+_args = Operands("cuda", "cuda", _KERNEL_DTYPES + (torch.float64,))
 _INT32_MAX = 2**31 - 1
 
 
@@ -76,40 +77,6 @@ def topk_max_k() -> int:
     return int(_lib().cuda_topk_max_k())
 
 
-def _check(name: str, t: Tensor, device: torch.device, dtype: Optional[torch.dtype] = None, ndim: int = 2) -> None:
-    if t.device != device:
-        raise ValueError(f"cuda backend: {name} must be on {device}, got {t.device}")
-    if t.dim() != ndim:
-        raise ValueError(f"cuda backend: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"cuda backend: {name} must be contiguous")
-    if dtype is not None and t.dtype != dtype:
-        raise ValueError(f"cuda backend: {name} must have dtype {dtype}, got {t.dtype}")
-
-
-def _check_float(name: str, t: Tensor) -> None:
-    if t.device.type != "cuda":
-        raise ValueError(f"cuda backend: {name} must be a CUDA tensor, got device {t.device}")
-    _check(name, t, t.device)
-    if t.dtype not in _FLOATS:
-        raise ValueError(f"cuda backend: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
-
-
-def _check_bias(t: Optional[Tensor], size: int, like: Tensor) -> None:
-    if t is None:
-        return
-    _check("bias", t, like.device, like.dtype, ndim=1)
-    if t.shape[0] != size:
-        raise ValueError(f"cuda backend: bias must have shape ({size},), got {tuple(t.shape)}")
-
-
-def _check_indices(indices: Tensor, M: int, device: torch.device) -> int:
-    _check("indices", indices, device, torch.int64)
-    if indices.shape[0] != M:
-        raise ValueError(f"cuda backend: indices must have {M} rows, got shape {tuple(indices.shape)}")
-    return indices.shape[1]
-
-
 def _launch_args(t: Tensor) -> Tuple[int, int]:
     """(device index, current stream handle) for launching on t's device."""
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
@@ -117,12 +84,12 @@ def _launch_args(t: Tensor) -> Tuple[int, int]:
 
 
 def topk_relu(pre: Tensor, k: int, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    _check_float("pre", pre)
+    _args.floating("pre", pre)
     M, N = pre.shape
     k = int(k)
     if not 0 <= k <= N:
         raise ValueError(f"cuda backend: k must satisfy 0 <= k <= N={N}, got {k}")
-    _check_bias(bias, N, pre)
+    _args.bias(bias, N, pre)
     if pre.dtype not in _KERNEL_DTYPES or k > topk_max_k() or N > _INT32_MAX or M > _INT32_MAX:
         return _reference.topk_relu(pre, k, bias)
     values = torch.empty(M, k, dtype=pre.dtype, device=pre.device)
@@ -137,13 +104,13 @@ def topk_relu(pre: Tensor, k: int, bias: Optional[Tensor] = None) -> Tuple[Tenso
 
 
 def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    _check_float("W", W)
-    _check("values", values, W.device, W.dtype)
+    _args.floating("W", W)
+    _args.tensor("values", values, W.device, W.dtype)
     M, k = values.shape
-    if _check_indices(indices, M, W.device) != k:
+    if _args.indices(indices, M, W.device) != k:
         raise ValueError(f"cuda backend: indices must have shape {(M, k)}, got {tuple(indices.shape)}")
     N, D = W.shape
-    _check_bias(bias, D, W)
+    _args.bias(bias, D, W)
     if W.dtype not in _KERNEL_DTYPES:
         return _reference.gather_matmul(values, indices, W, bias)
     out = torch.empty(M, D, dtype=W.dtype, device=W.device)
@@ -160,10 +127,10 @@ def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Ten
 
 
 def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    _check_float("G", G)
-    _check("W", W, G.device, G.dtype)
+    _args.floating("G", G)
+    _args.tensor("W", W, G.device, G.dtype)
     M, D = G.shape
-    k = _check_indices(indices, M, G.device)
+    k = _args.indices(indices, M, G.device)
     N = W.shape[0]
     if W.shape[1] != D:
         raise ValueError(f"cuda backend: W must have {D} columns like G, got shape {tuple(W.shape)}")
@@ -182,10 +149,10 @@ def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 
 
 def scatter_matmul(values: Tensor, indices: Tensor, G: Tensor, n_rows: int, deterministic: bool = False) -> Tensor:
-    _check_float("G", G)
-    _check("values", values, G.device, G.dtype)
+    _args.floating("G", G)
+    _args.tensor("values", values, G.device, G.dtype)
     M, D = G.shape
-    k = _check_indices(indices, M, G.device)
+    k = _args.indices(indices, M, G.device)
     if tuple(values.shape) != (M, k):
         raise ValueError(f"cuda backend: values must have shape {(M, k)}, got {tuple(values.shape)}")
     n_rows = int(n_rows)
