@@ -80,7 +80,7 @@ def _fmt_pct(x):
 
 def report(summary: dict, hesitation_word: str) -> str:
     """The end-of-run report, in words."""
-    v0, v = summary.get("start"), summary.get("final")
+    v = summary.get("final")
     lines = ["", "== transcoder adapters: result =="]
     if v:
         kl_h, kl_a = v["kl_hybrid"], v["kl"]

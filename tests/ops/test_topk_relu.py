@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 import tckernels
 from tckernels.backends import reference as R
-from tests.helpers import DTYPES, assert_close, backend_params, is_slow
+from tests.helpers import DTYPES, backend_params, is_slow
 
 BACKENDS = backend_params()
 

@@ -36,7 +36,7 @@ def test_overrides_are_typed():
 
 def test_yaml_values_are_typed(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text(f"base_model: a\nreference_model: b\ntrain_data: ./d.jsonl\nlearning_rate: 8e-4\nn_features: 64\n")
+    p.write_text("base_model: a\nreference_model: b\ntrain_data: ./d.jsonl\nlearning_rate: 8e-4\nn_features: 64\n")
     cfg = load_config(["--config", str(p)])
     assert cfg.learning_rate == 8e-4  # YAML reads 8e-4 as a string; accepted for a float field
     assert cfg.train_data == str(tmp_path / "d.jsonl")

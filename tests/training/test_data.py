@@ -1,11 +1,10 @@
 """Data: formats, masks, sources, batching and its resumable position."""
 import json
-import os
 
 import pytest
 import torch
 
-from training.data import (DataError, ResumableBatches, chat_segments, collate, load_records, prepare_examples,
+from training.data import (DataError, ResumableBatches, collate, load_records, prepare_examples,
                            prompt_ids, tokenize_record)
 from training.tokenizer import CharTokenizer
 

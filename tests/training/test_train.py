@@ -7,7 +7,7 @@ import torch
 
 from training import checkpoint as ckpt
 from training.train import main
-from tests.training.conftest import make_pair, micro_args, read_metrics, write_data
+from tests.training.conftest import make_pair, micro_args, read_metrics
 
 DETERMINISTIC = ("step", "epoch", "lr", "loss", "kl", "sparsity", "nmse", "bridge", "grad_norm", "l0", "l0_layers",
                  "tokens")
