@@ -121,6 +121,63 @@ struct Vec {
   }
 };
 
+// ---- weighted sums of gathered rows (gather_matmul, the deterministic scatter) -----------------
+// acc[q][e] += w_j * src[r_j, (v0 + q*tpr)*V + e] for the pairs j = begin .. end-1 in that order
+// (the deterministic scatter's bit-exactness rests on the order), over the kNV vector slots
+// v0 + q*tpr that lie below nvec. pair(j, t, r, w) sets the row and weight of pair j + t and
+// returns false for a pair to skip; j and t come apart so that its loads address base + j with
+// constant offsets t. The rows of kUnroll pairs are loaded before their FMAs, to keep loads in
+// flight.
+template <class Tr, int V, int kNV, int kUnroll, class I, class Pair>
+__device__ __forceinline__ void add_weighted_rows(float (&acc)[kNV][V], const typename Tr::S* __restrict__ src,
+                                                  int64_t D, int64_t nvec, int64_t v0, int tpr, I begin, I end,
+                                                  Pair pair) {
+  using VecT = Vec<Tr, V>;
+  I j = begin;
+  for (; j + kUnroll <= end; j += kUnroll) {
+    int64_t r[kUnroll];
+    float w[kUnroll];
+    bool ok[kUnroll];
+#pragma unroll
+    for (int t = 0; t < kUnroll; ++t) ok[t] = pair(j, t, r[t], w[t]);
+    VecT x[kUnroll][kNV];
+#pragma unroll
+    for (int t = 0; t < kUnroll; ++t) {
+#pragma unroll
+      for (int q = 0; q < kNV; ++q) {
+        const int64_t v = v0 + static_cast<int64_t>(q) * tpr;
+        if (ok[t] && v < nvec) {
+          x[t][q].ldg(src + r[t] * D + v * V);
+        } else {
+          x[t][q].zero();
+        }
+      }
+      if (!ok[t]) w[t] = 0.0f;  // the zeroed row then adds nothing, even for an inf/NaN weight
+    }
+#pragma unroll
+    for (int t = 0; t < kUnroll; ++t)
+#pragma unroll
+      for (int q = 0; q < kNV; ++q)
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[q][e] = fmaf(w[t], x[t][q].get(e), acc[q][e]);
+  }
+  for (; j < end; ++j) {
+    int64_t r;
+    float w;
+    if (!pair(j, 0, r, w)) continue;
+#pragma unroll
+    for (int q = 0; q < kNV; ++q) {
+      const int64_t v = v0 + static_cast<int64_t>(q) * tpr;
+      if (v < nvec) {
+        VecT x;
+        x.ldg(src + r * D + v * V);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[q][e] = fmaf(w, x.get(e), acc[q][e]);
+      }
+    }
+  }
+}
+
 __device__ __forceinline__ u32 lane_id() { return threadIdx.x & 31u; }
 __device__ __forceinline__ u32 lanemask_lt() { return (1u << lane_id()) - 1u; }
 

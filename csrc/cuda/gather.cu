@@ -52,52 +52,12 @@ __global__ void __launch_bounds__(kBlock) gather_matmul_kernel(const typename Tr
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[q][e] = 0.0f;
 
-    int j = 0;
-    for (; j + kJUnroll <= k; j += kJUnroll) {
-      int64_t r[kJUnroll];
-      float w[kJUnroll];
-#pragma unroll
-      for (int t = 0; t < kJUnroll; ++t) {
-        r[t] = __ldg(irow + j + t);
-        w[t] = Tr::ld(vrow[j + t]);
-      }
-      VecT x[kJUnroll][kNV];
-#pragma unroll
-      for (int t = 0; t < kJUnroll; ++t) {
-        const bool ok = static_cast<uint64_t>(r[t]) < static_cast<uint64_t>(N);
-#pragma unroll
-        for (int q = 0; q < kNV; ++q) {
-          const int64_t v = v0 + static_cast<int64_t>(q) * tpr;
-          if (ok && v < nvec) {
-            x[t][q].ldg(W + r[t] * D + v * V);
-          } else {
-            x[t][q].zero();
-          }
-        }
-        if (!ok) w[t] = 0.0f;  // skipped; the zeroed row adds nothing (also for inf/NaN values)
-      }
-#pragma unroll
-      for (int t = 0; t < kJUnroll; ++t)
-#pragma unroll
-        for (int q = 0; q < kNV; ++q)
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[q][e] = fmaf(w[t], x[t][q].get(e), acc[q][e]);
-    }
-    for (; j < k; ++j) {
-      const int64_t r = __ldg(irow + j);
-      if (static_cast<uint64_t>(r) >= static_cast<uint64_t>(N)) continue;
-      const float w = Tr::ld(vrow[j]);
-#pragma unroll
-      for (int q = 0; q < kNV; ++q) {
-        const int64_t v = v0 + static_cast<int64_t>(q) * tpr;
-        if (v < nvec) {
-          VecT x;
-          x.ldg(W + r * D + v * V);
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[q][e] = fmaf(w, x.get(e), acc[q][e]);
-        }
-      }
-    }
+    auto pair = [&](int j, int t, int64_t& r, float& w) {
+      r = __ldg(irow + j + t);
+      w = Tr::ld(vrow[j + t]);
+      return static_cast<uint64_t>(r) < static_cast<uint64_t>(N);  // out-of-range rows are skipped
+    };
+    add_weighted_rows<Tr, V, kNV, kJUnroll>(acc, W, D, nvec, v0, tpr, 0, k, pair);
 
 #pragma unroll
     for (int q = 0; q < kNV; ++q) {

@@ -179,51 +179,14 @@ __global__ void __launch_bounds__(kBlock) segment_reduce_kernel(const typename T
 #pragma unroll
       for (int e = 0; e < V; ++e) acc[q][e] = 0.0f;
 
-    u32 i = begin;
-    for (; i + kUnroll <= end; i += kUnroll) {
-      float w[kUnroll];
-      int64_t mrow[kUnroll];
-#pragma unroll
-      for (int t = 0; t < kUnroll; ++t) {
-        const u32 p = __ldg(sorted_ids + i + t);
-        w[t] = Tr::ld(values[p]);
-        mrow[t] = static_cast<int64_t>(p / static_cast<u32>(k));
-      }
-      VecT x[kUnroll][kNV];
-#pragma unroll
-      for (int t = 0; t < kUnroll; ++t)
-#pragma unroll
-        for (int q = 0; q < kNV; ++q) {
-          const int64_t v = v0 + static_cast<int64_t>(q) * tpr;
-          if (v < nvec) {
-            x[t][q].ldg(G + mrow[t] * D + v * V);
-          } else {
-            x[t][q].zero();
-          }
-        }
-      // Accumulate strictly in sorted order (t = 0, 1, ...): the fixed order is the determinism.
-#pragma unroll
-      for (int t = 0; t < kUnroll; ++t)
-#pragma unroll
-        for (int q = 0; q < kNV; ++q)
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[q][e] = fmaf(w[t], x[t][q].get(e), acc[q][e]);
-    }
-    for (; i < end; ++i) {
-      const u32 p = __ldg(sorted_ids + i);
-      const float w = Tr::ld(values[p]);
-      const int64_t mr = static_cast<int64_t>(p / static_cast<u32>(k));
-#pragma unroll
-      for (int q = 0; q < kNV; ++q) {
-        const int64_t v = v0 + static_cast<int64_t>(q) * tpr;
-        if (v < nvec) {
-          VecT x;
-          x.ldg(G + mr * D + v * V);
-#pragma unroll
-          for (int e = 0; e < V; ++e) acc[q][e] = fmaf(w, x.get(e), acc[q][e]);
-        }
-      }
-    }
+    // (acc gathers the feature's rows of G in sorted order: the fixed order is the determinism)
+    auto pair = [&](u32 i, int t, int64_t& r, float& w) {
+      const u32 p = __ldg(sorted_ids + i + t);
+      w = Tr::ld(values[p]);
+      r = static_cast<int64_t>(p / static_cast<u32>(k));
+      return true;
+    };
+    add_weighted_rows<Tr, V, kNV, kUnroll>(acc, G, D, nvec, v0, tpr, begin, end, pair);
 #pragma unroll
     for (int q = 0; q < kNV; ++q) {
       const int64_t v = v0 + static_cast<int64_t>(q) * tpr;
