@@ -2,11 +2,12 @@
 
 The public ops validate their arguments first (tckernels._checks) and make tensors contiguous;
 these checks restate the layout the kernels rely on (device, rank, contiguity, dtype, shape), so
-that a backend module called directly can never pass a pointer that a kernel would misread.
+that a backend module called directly can never pass a pointer that a kernel would misread. The
+per-op methods return the sizes the kernels are launched with.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -56,3 +57,50 @@ class Operands:
         if indices.shape[0] != M:
             self.fail(f"indices must have {M} rows, got shape {tuple(indices.shape)}")
         return indices.shape[1]
+
+    # ---- each op's whole argument contract, shared by the backends -----------------------------
+
+    def topk_relu(self, pre: Tensor, k: int, bias: Optional[Tensor]) -> Tuple[int, int, int]:
+        """-> (M, N, k)"""
+        self.floating("pre", pre)
+        M, N = pre.shape
+        k = int(k)
+        if not 0 <= k <= N:
+            self.fail(f"k must satisfy 0 <= k <= N={N}, got {k}")
+        self.bias(bias, N, pre)
+        return M, N, k
+
+    def gather_matmul(self, values: Tensor, indices: Tensor, W: Tensor,
+                      bias: Optional[Tensor]) -> Tuple[int, int, int, int]:
+        """-> (M, k, N, D)"""
+        self.floating("W", W)
+        self.tensor("values", values, W.device, W.dtype)
+        M, k = values.shape
+        if self.indices(indices, M, W.device) != k:
+            self.fail(f"indices must have shape {(M, k)}, got {tuple(indices.shape)}")
+        N, D = W.shape
+        self.bias(bias, D, W)
+        return M, k, N, D
+
+    def gather_dot(self, G: Tensor, indices: Tensor, W: Tensor) -> Tuple[int, int, int, int]:
+        """-> (M, k, N, D)"""
+        self.floating("G", G)
+        self.tensor("W", W, G.device, G.dtype)
+        M, D = G.shape
+        k = self.indices(indices, M, G.device)
+        if W.shape[1] != D:
+            self.fail(f"W must have {D} columns like G, got shape {tuple(W.shape)}")
+        return M, k, W.shape[0], D
+
+    def scatter_matmul(self, values: Tensor, indices: Tensor, G: Tensor, n_rows: int) -> Tuple[int, int, int, int]:
+        """-> (M, k, D, n_rows)"""
+        self.floating("G", G)
+        self.tensor("values", values, G.device, G.dtype)
+        M, D = G.shape
+        k = self.indices(indices, M, G.device)
+        if tuple(values.shape) != (M, k):
+            self.fail(f"values must have shape {(M, k)}, got {tuple(values.shape)}")
+        n_rows = int(n_rows)
+        if n_rows < 0:
+            self.fail(f"n_rows must be >= 0, got {n_rows}")
+        return M, k, D, n_rows

@@ -51,12 +51,7 @@ def _threads() -> int:
 
 
 def topk_relu(pre: Tensor, k: int, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    _args.floating("pre", pre)
-    M, N = pre.shape
-    k = int(k)
-    if not 0 <= k <= N:
-        raise ValueError(f"cpu backend: k must satisfy 0 <= k <= N={N}, got {k}")
-    _args.bias(bias, N, pre)
+    M, N, k = _args.topk_relu(pre, k, bias)
     values = torch.empty(M, k, dtype=pre.dtype)
     indices = torch.empty(M, k, dtype=torch.int64)
     if M and k:
@@ -92,13 +87,7 @@ def encode_relu(x: Tensor, W: Tensor, b: Optional[Tensor], k_max: int, threshold
 
 
 def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    _args.floating("W", W)
-    _args.tensor("values", values, W.device, W.dtype)
-    M, k = values.shape
-    if _args.indices(indices, M, W.device) != k:
-        raise ValueError(f"cpu backend: indices must have shape {(M, k)}, got {tuple(indices.shape)}")
-    N, D = W.shape
-    _args.bias(bias, D, W)
+    M, k, N, D = _args.gather_matmul(values, indices, W, bias)
     out = torch.empty(M, D, dtype=W.dtype)
     if M and D:
         _lib().cpu_gather_matmul(
@@ -109,13 +98,7 @@ def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Ten
 
 
 def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    _args.floating("G", G)
-    _args.tensor("W", W, G.device, G.dtype)
-    M, D = G.shape
-    k = _args.indices(indices, M, G.device)
-    N = W.shape[0]
-    if W.shape[1] != D:
-        raise ValueError(f"cpu backend: W must have {D} columns like G, got shape {tuple(W.shape)}")
+    M, k, N, D = _args.gather_dot(G, indices, W)
     out = torch.empty(M, k, dtype=G.dtype)
     if M and k:
         _lib().cpu_gather_dot(
@@ -127,15 +110,7 @@ def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 
 def scatter_matmul(values: Tensor, indices: Tensor, G: Tensor, n_rows: int, deterministic: bool = False) -> Tensor:
     # Always the deterministic algorithm on the CPU (see the module docstring).
-    _args.floating("G", G)
-    _args.tensor("values", values, G.device, G.dtype)
-    M, D = G.shape
-    k = _args.indices(indices, M, G.device)
-    if tuple(values.shape) != (M, k):
-        raise ValueError(f"cpu backend: values must have shape {(M, k)}, got {tuple(values.shape)}")
-    n_rows = int(n_rows)
-    if n_rows < 0:
-        raise ValueError(f"cpu backend: n_rows must be >= 0, got {n_rows}")
+    M, k, D, n_rows = _args.scatter_matmul(values, indices, G, n_rows)
     out = torch.empty(n_rows, D, dtype=G.dtype)
     if n_rows and D:
         _lib().cpu_scatter_matmul(

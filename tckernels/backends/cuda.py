@@ -84,12 +84,7 @@ def _launch_args(t: Tensor) -> Tuple[int, int]:
 
 
 def topk_relu(pre: Tensor, k: int, bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    _args.floating("pre", pre)
-    M, N = pre.shape
-    k = int(k)
-    if not 0 <= k <= N:
-        raise ValueError(f"cuda backend: k must satisfy 0 <= k <= N={N}, got {k}")
-    _args.bias(bias, N, pre)
+    M, N, k = _args.topk_relu(pre, k, bias)
     if pre.dtype not in _KERNEL_DTYPES or k > topk_max_k() or N > _INT32_MAX or M > _INT32_MAX:
         return _reference.topk_relu(pre, k, bias)
     values = torch.empty(M, k, dtype=pre.dtype, device=pre.device)
@@ -104,13 +99,7 @@ def topk_relu(pre: Tensor, k: int, bias: Optional[Tensor] = None) -> Tuple[Tenso
 
 
 def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    _args.floating("W", W)
-    _args.tensor("values", values, W.device, W.dtype)
-    M, k = values.shape
-    if _args.indices(indices, M, W.device) != k:
-        raise ValueError(f"cuda backend: indices must have shape {(M, k)}, got {tuple(indices.shape)}")
-    N, D = W.shape
-    _args.bias(bias, D, W)
+    M, k, N, D = _args.gather_matmul(values, indices, W, bias)
     if W.dtype not in _KERNEL_DTYPES:
         return _reference.gather_matmul(values, indices, W, bias)
     out = torch.empty(M, D, dtype=W.dtype, device=W.device)
@@ -127,13 +116,7 @@ def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Ten
 
 
 def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    _args.floating("G", G)
-    _args.tensor("W", W, G.device, G.dtype)
-    M, D = G.shape
-    k = _args.indices(indices, M, G.device)
-    N = W.shape[0]
-    if W.shape[1] != D:
-        raise ValueError(f"cuda backend: W must have {D} columns like G, got shape {tuple(W.shape)}")
+    M, k, N, D = _args.gather_dot(G, indices, W)
     if G.dtype not in _KERNEL_DTYPES:
         return _reference.gather_dot(G, indices, W)
     if D == 0:
@@ -149,15 +132,7 @@ def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 
 
 def scatter_matmul(values: Tensor, indices: Tensor, G: Tensor, n_rows: int, deterministic: bool = False) -> Tensor:
-    _args.floating("G", G)
-    _args.tensor("values", values, G.device, G.dtype)
-    M, D = G.shape
-    k = _args.indices(indices, M, G.device)
-    if tuple(values.shape) != (M, k):
-        raise ValueError(f"cuda backend: values must have shape {(M, k)}, got {tuple(values.shape)}")
-    n_rows = int(n_rows)
-    if n_rows < 0:
-        raise ValueError(f"cuda backend: n_rows must be >= 0, got {n_rows}")
+    M, k, D, n_rows = _args.scatter_matmul(values, indices, G, n_rows)
     if G.dtype not in _KERNEL_DTYPES or (deterministic and (M * k > _INT32_MAX or n_rows >= 2**32 - 1)):
         return _reference.scatter_matmul(values, indices, G, n_rows, deterministic)
     if n_rows == 0 or D == 0 or M * k == 0:
