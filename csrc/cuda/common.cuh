@@ -265,5 +265,19 @@ inline int pick_vec(int64_t D, std::initializer_list<uintptr_t> ptrs) {
   return v;
 }
 
+// Calls fn(std::integral_constant<int, V>{}) for a width V from pick_vec, so that launch code can
+// instantiate kernel<Tr, V> (8 exists for 16-bit types only).
+template <typename S, typename Fn>
+inline void with_vec(int V, Fn&& fn) {
+  switch (V) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    default:
+      if constexpr (sizeof(S) == 2) fn(std::integral_constant<int, 8>{});
+      break;
+  }
+}
+
 }  // namespace cuda
 }  // namespace tck

@@ -150,14 +150,7 @@ void gather_matmul(uintptr_t values, uintptr_t indices, uintptr_t W, uintptr_t b
           as_ptr<const S>(values), as_ptr<const int64_t>(indices), as_ptr<const S>(W), as_ptr<const S>(bias),
           as_ptr<S>(out), M, static_cast<int>(k), N, D, tpr_log2);
     };
-    switch (V) {
-      case 1: launch(gather_matmul_kernel<Tr, 1>); break;
-      case 2: launch(gather_matmul_kernel<Tr, 2>); break;
-      case 4: launch(gather_matmul_kernel<Tr, 4>); break;
-      default:
-        if constexpr (sizeof(S) == 2) launch(gather_matmul_kernel<Tr, 8>);
-        break;
-    }
+    with_vec<S>(V, [&](auto v) { launch(gather_matmul_kernel<Tr, decltype(v)::value>); });
     check_launch("gather_matmul_kernel");
   });
 }
@@ -186,14 +179,7 @@ void gather_dot(uintptr_t G, uintptr_t indices, uintptr_t W, uintptr_t out, int6
           as_ptr<const S>(G), as_ptr<const int64_t>(indices), as_ptr<const S>(W), as_ptr<S>(out), pairs,
           static_cast<int>(k), N, D, ts_log2);
     };
-    switch (V) {
-      case 1: launch(gather_dot_kernel<Tr, 1>); break;
-      case 2: launch(gather_dot_kernel<Tr, 2>); break;
-      case 4: launch(gather_dot_kernel<Tr, 4>); break;
-      default:
-        if constexpr (sizeof(S) == 2) launch(gather_dot_kernel<Tr, 8>);
-        break;
-    }
+    with_vec<S>(V, [&](auto v) { launch(gather_dot_kernel<Tr, decltype(v)::value>); });
     check_launch("gather_dot_kernel");
   });
 }

@@ -265,14 +265,7 @@ void scatter_matmul_atomic(uintptr_t values, uintptr_t indices, uintptr_t G, uin
           as_ptr<const S>(values), as_ptr<const int64_t>(indices), as_ptr<const S>(G), as_ptr<float>(acc), M,
           static_cast<int>(k), n_rows, D, tpr_log2);
     };
-    switch (V) {
-      case 1: launch(scatter_atomic_kernel<Tr, 1>); break;
-      case 2: launch(scatter_atomic_kernel<Tr, 2>); break;
-      case 4: launch(scatter_atomic_kernel<Tr, 4>); break;
-      default:
-        if constexpr (sizeof(S) == 2) launch(scatter_atomic_kernel<Tr, 8>);
-        break;
-    }
+    with_vec<S>(V, [&](auto v) { launch(scatter_atomic_kernel<Tr, decltype(v)::value>); });
     check_launch("scatter_atomic_kernel");
   });
 }
@@ -352,14 +345,7 @@ void scatter_matmul_deterministic(uintptr_t values, uintptr_t indices, uintptr_t
                                                               offsets, as_ptr<S>(out), static_cast<int>(k), n_rows,
                                                               D, tpr_log2);
     };
-    switch (V) {
-      case 1: launch(segment_reduce_kernel<Tr, 1>); break;
-      case 2: launch(segment_reduce_kernel<Tr, 2>); break;
-      case 4: launch(segment_reduce_kernel<Tr, 4>); break;
-      default:
-        if constexpr (sizeof(S) == 2) launch(segment_reduce_kernel<Tr, 8>);
-        break;
-    }
+    with_vec<S>(V, [&](auto v) { launch(segment_reduce_kernel<Tr, decltype(v)::value>); });
     check_launch("segment_reduce_kernel");
   });
 }
