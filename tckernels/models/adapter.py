@@ -11,7 +11,9 @@ the MLP's output. Its state-dict keys are those of the transcoder-adapter releas
     transcoder_dec.bias     [d]           only with ``dec_bias=True`` (the seed's default is False)
     transcoder_log_threshold [F]          JumpReLU only (not in the seed, which is ReLU-only)
 
-so checkpoints written by the seed load unchanged and ours load in the seed's code.
+so checkpoints written by the seed load unchanged, and ours load in the seed's code: the config
+that ``Qwen2ForCausalLMWithTranscoder.save_pretrained`` writes carries the RoPE fields in the form
+transformers 4.57 reads as well as transformers 5's (``tckernels.models.qwen2``).
 
 Decoder layout: ``transcoder_dec.weight`` has the seed's shape ``[d, F]`` but its memory is row
 per feature: it is the transpose view of a contiguous ``[F, d]`` tensor, so ``weight.t()`` is the

@@ -50,6 +50,15 @@ _FIELDS = {  # add_transcoder_adapters keyword -> config field
 }
 
 
+def _transformers4_rope_fields(rope_parameters) -> dict:
+    """``{"rope_theta", "rope_scaling"}`` for a flat ``rope_parameters`` dict (none for nested or missing)."""
+    if not isinstance(rope_parameters, dict) or "rope_theta" not in rope_parameters:
+        return {}
+    rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+    scaling = None if rope_type == "default" else {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+    return {"rope_theta": rope_parameters["rope_theta"], "rope_scaling": scaling}
+
+
 class Qwen2TranscoderConfig(Qwen2Config):
     """``Qwen2Config`` with the transcoder-adapter fields (see the module docstring)."""
 
@@ -107,6 +116,14 @@ class Qwen2TranscoderConfig(Qwen2Config):
                         f"transcoder_layers: unknown layer index {i!r}; the model has num_hidden_layers = "
                         f"{self.num_hidden_layers}"
                     )
+
+    def to_dict(self) -> dict:
+        """The config as transformers 5 writes it, plus the RoPE fields as transformers 4 reads them
+        (``rope_theta``, ``rope_scaling``): transformers 5 keeps them only inside ``rope_parameters``,
+        which transformers 4 (and the seed's code on 4.57) ignores, falling back to theta 10000."""
+        d = super().to_dict()
+        d.update(_transformers4_rope_fields(d.get("rope_parameters")))
+        return d
 
     def adapter_kwargs(self) -> dict:
         """Keyword arguments of ``add_transcoder_adapters`` that this config describes."""

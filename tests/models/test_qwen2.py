@@ -440,3 +440,35 @@ def test_import_tckernels_registers_the_auto_classes(tmp_path):
 
 def test_plain_qwen2_is_untouched_by_registration():
     assert type(AutoModelForCausalLM.from_config(qwen2_config())) is Qwen2ForCausalLM
+
+
+# ---- checkpoints in transformers 4.57 (the seed's pin) ---------------------------------------------
+@pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 1e6},
+                                  {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}],
+                         ids=["theta1e6", "linear-scaling"])
+def test_saved_model_gives_the_same_logits_in_transformers_4_57(tmp_path, rope):
+    """A saved adapter model, loaded by transformers 4.57.1 (released, in its own environment) with
+    the seed's branch added to each MLP, gives the logits tckernels computes. RoPE other than
+    theta 10000 is the case that breaks when the config holds it only in transformers 5's form."""
+    from tests.peer_envs import run_script
+
+    plain = plain_qwen2(seed=5, rope_parameters=dict(rope))
+    model = adapted_qwen2(plain, seed=6, dec_bias=True, rope_parameters=dict(rope))
+    model.save_pretrained(tmp_path / "model")
+    x = ids(batch=2, seq=40, seed=7)  # long enough that the RoPE base changes the logits
+    attn = torch.ones_like(x)
+    attn[1, :5] = 0  # left padding in the second row
+    torch.save({"input_ids": x, "attention_mask": attn}, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        want = model(input_ids=x, attention_mask=attn).logits
+        with adapters_enabled(model, False):
+            no_branch = model(input_ids=x, attention_mask=attn).logits
+    info = run_script("transformers457", "seed_adapter_logits.py", str(tmp_path / "model"),
+                      str(tmp_path / "inputs.pt"), str(tmp_path / "logits.pt"))
+    got = torch.load(tmp_path / "logits.pt")
+    assert info["transformers"] == "4.57.1"
+    assert info["rope_theta"] == rope["rope_theta"]
+    assert info["branches"] == L
+    real = attn.bool()
+    assert (want - no_branch)[real].abs().max() > 1e-2  # the branch matters, so the comparison checks it
+    assert_close(got[real], want[real], atol=2e-5, rtol=2e-5)

@@ -1,0 +1,70 @@
+"""Python environments holding released peer packages at the versions they pin, beside ours.
+
+Some of the tools tckernels must work with pin versions that cannot share an environment with
+tckernels' own (the transcoder-adapter code pins transformers 4.57.1; tckernels runs on 5.x). Each
+such environment is a virtual environment under ``.venvs/<name>`` in the repository (ignored by
+git), made on first use from the package registry and kept for later runs. It sees this
+environment's packages (torch, safetensors, ...) except the ones it installs itself, which come
+first. Tests run scripts in it with :func:`run_script` and compare what they print with what
+tckernels computes here.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENVS = os.path.join(ROOT, ".venvs")
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer")
+
+# name -> (requirements, the import that proves the environment is whole)
+ENVIRONMENTS = {
+    "transformers457": (["transformers==4.57.1"],
+                        "import transformers; assert transformers.__version__ == '4.57.1', transformers.__version__"),
+}
+
+
+def _python(name: str) -> str:
+    return os.path.join(VENVS, name, "bin", "python")
+
+
+def _works(name: str) -> bool:
+    probe = ENVIRONMENTS[name][1]
+    return os.path.exists(_python(name)) and subprocess.run(
+        [_python(name), "-c", probe], capture_output=True).returncode == 0
+
+
+def peer_python(name: str) -> str:
+    """The interpreter of environment ``name``, made first if it is missing or broken. A failure to
+    make it fails the test (it is never skipped): the check it serves would otherwise silently go."""
+    os.makedirs(VENVS, exist_ok=True)
+    with open(os.path.join(VENVS, f"{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one maker when tests run in parallel
+        if _works(name):
+            return _python(name)
+        reqs = ENVIRONMENTS[name][0]
+        steps = [[sys.executable, "-m", "venv", "--clear", "--system-site-packages", os.path.join(VENVS, name)],
+                 [_python(name), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *reqs]]
+        for cmd in steps:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.fail(f"could not make the {name} environment ({' '.join(reqs)}): {' '.join(cmd)} "
+                            f"failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        if not _works(name):
+            pytest.fail(f"the {name} environment was made but `{ENVIRONMENTS[name][1]}` fails in it")
+        return _python(name)
+
+
+def run_script(name: str, script: str, *args: str, timeout: float = 300) -> dict:
+    """Run ``tests/peer/<script>`` with arguments in environment ``name``; it prints one JSON object
+    as its last line, which is returned."""
+    cmd = [peer_python(name), os.path.join(SCRIPTS, script), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if r.returncode != 0:
+        raise AssertionError(f"{script} failed in {name} (exit {r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
