@@ -16,6 +16,8 @@ tokens (``cumsum(attention_mask) - 1``), which is right for left and right paddi
 """
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -52,6 +54,11 @@ def stack_of(model: nn.Module) -> Stack:
     return Stack(model, inner.embed_tokens, inner.layers, inner.norm, head, inner.rotary_emb, model.config)
 
 
+def _cache_argument(create_mask) -> str:
+    """The mask makers' cache argument: ``cache`` in recent transformers 5 releases, ``past_key_values`` in earlier ones."""
+    return "cache" if "cache" in inspect.signature(create_mask).parameters else "past_key_values"
+
+
 class BatchInputs:
     """Per-batch inputs shared by every layer call: position ids, rotary embeddings and attention masks
     (built per model config, cached)."""
@@ -71,8 +78,8 @@ class BatchInputs:
         if key not in self._masks:
             from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-            kw = dict(config=cfg, inputs_embeds=h, attention_mask=self.attention_mask, past_key_values=None,
-                      position_ids=self.position_ids)
+            kw = dict(config=cfg, inputs_embeds=h, attention_mask=self.attention_mask, position_ids=self.position_ids)
+            kw[_cache_argument(create_causal_mask)] = None
             m = {"full_attention": create_causal_mask(**kw)}
             if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
                 m["sliding_attention"] = create_sliding_window_causal_mask(**kw)
@@ -104,8 +111,8 @@ def run_layers(stack: Stack, h: Tensor, inputs: BatchInputs, start: int, end: in
         layer = stack.layers[i]
 
         def call(x, layer=layer, mask=mask):
-            out = layer(x, attention_mask=mask, position_ids=inputs.position_ids, past_key_values=None,
-                        use_cache=False, position_embeddings=rope)
+            out = layer(x, attention_mask=mask, position_ids=inputs.position_ids, use_cache=False,
+                        position_embeddings=rope)
             return out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
 
         if checkpoint:
