@@ -50,6 +50,9 @@ class Config:
     lambda_nmse: float = _f(1.0, "weight of the hidden-state NMSE")
     lambda_bridge: float = _f(2.0, "weight of the bridging KL B")
     n_cutoffs: int = _f(1, "cut-off layers sampled per micro-batch for the bridging passes")
+    batch_reduction: str = _f("token", "how a micro-batch's tokens are pooled in every term's mean: 'token' "
+                              "pools all of them (the original's), 'sequence' takes each sequence's mean, then "
+                              "the mean over sequences (equal at micro_batch_size 1)", ("token", "sequence"))
     kl_chunk_tokens: int = _f(1024, "tokens per chunk of the full-vocabulary KL")
     gradient_checkpointing: bool = _f(False, "recompute each layer in backward instead of keeping its activations")
     # ---- data ---------------------------------------------------------------------------------
@@ -62,7 +65,10 @@ class Config:
     max_seq_len: int = _f(10000, "tokens per sequence")
     truncation: str = _f("truncate", "longer sequences: keep the first max_seq_len tokens, or drop them",
                          ("truncate", "drop"))
-    loss_on_prompt: bool = _f(False, "score the prompt positions too (else only the assistant's)")
+    loss_on_prompt: bool = _f(True, "score the KL at the prompt positions too (else only the assistant's); "
+                              "S and NMSE always cover every real token")
+    append_eos: bool = _f(False, "deepseek format: end each assistant turn with <｜end▁of▁sentence｜>, as "
+                          "DeepSeek's chat template does (the original's data rendering does not)")
     max_train_examples: Optional[int] = _f(None, "use at most this many training examples")
     max_val_examples: Optional[int] = _f(256, "use at most this many validation examples")
     # ---- optimisation -------------------------------------------------------------------------

@@ -11,10 +11,14 @@ Records (``tokenize_record``), the first of these fields that is present wins:
 * ``prompt`` and ``completion``: two strings, used as they are (no chat format);
 * ``text``: one string, every token a target.
 
-Chat records are rendered in the DeepSeek (R1-Distill) or ChatML (Qwen) format. Loss positions: the
-loss at position ``t`` compares next-token distributions, so position ``t`` is scored when token
-``t+1`` is a target: an assistant token (its content and its end-of-turn token), or with
-``loss_on_prompt`` any token. Padding is never scored.
+Chat records are rendered as the original transcoder-adapter code renders them: in the DeepSeek
+(R1-Distill) format ``<｜begin▁of▁sentence｜><｜User｜>prompt<｜Assistant｜>response`` with nothing after
+the response (``append_eos`` adds ``<｜end▁of▁sentence｜>``, as DeepSeek's chat template does), or in
+ChatML (Qwen) with ``<|im_end|>\\n`` after each turn; a response starting ``"<think> "`` starts
+``"<think>\\n"``; the whole text is tokenized at once. Loss positions: the loss at position ``t``
+compares next-token distributions, so position ``t`` is scored when token ``t+1`` is a target: an
+assistant token (its content and what closes its turn), or with ``loss_on_prompt`` any token.
+Padding is never scored.
 """
 from __future__ import annotations
 
@@ -79,27 +83,37 @@ def _normalise_messages(raw: Any, where: str) -> list[dict]:
     return out
 
 
-def chat_segments(messages: Sequence[dict], fmt: str, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """Render ``messages`` as ``(text, is_target)`` segments in chat format ``fmt``."""
+def _think_newline(content: str) -> str:
+    """OpenThoughts responses start ``"<think> "``; DeepSeek's format (and the original) expects
+    ``"<think>\\n"``."""
+    return "<think>\n" + content[len("<think> "):] if content.startswith("<think> ") else content
+
+
+def chat_segments(messages: Sequence[dict], fmt: str, add_generation_prompt: bool = False,
+                  append_eos: bool = False) -> list[tuple[str, bool]]:
+    """Render ``messages`` as ``(text, is_target)`` segments in chat format ``fmt``. An assistant turn's
+    target is its content and what closes it: ``<|im_end|>\\n`` in ChatML; in the DeepSeek format
+    ``<｜end▁of▁sentence｜>``, except after the last message without ``append_eos`` (the original's
+    rendering of a prompt and its response)."""
     segs: list[tuple[str, bool]] = []
     if fmt == "deepseek":
         segs.append(("<｜begin▁of▁sentence｜>", False))
-        for m in messages:
+        for j, m in enumerate(messages):
             if m["role"] == "system":
                 segs.append((m["content"], False))
             elif m["role"] == "user":
                 segs.append(("<｜User｜>" + m["content"], False))
             else:
+                close = append_eos or j < len(messages) - 1  # a turn followed by more is always closed
                 segs.append(("<｜Assistant｜>", False))
-                segs.append((m["content"] + "<｜end▁of▁sentence｜>", True))
+                segs.append((_think_newline(m["content"]) + ("<｜end▁of▁sentence｜>" if close else ""), True))
         if add_generation_prompt:
             segs.append(("<｜Assistant｜>", False))
     elif fmt == "chatml":
         for m in messages:
             if m["role"] == "assistant":
                 segs.append(("<|im_start|>assistant\n", False))
-                segs.append((m["content"] + "<|im_end|>", True))
-                segs.append(("\n", False))
+                segs.append((_think_newline(m["content"]) + "<|im_end|>\n", True))
             else:
                 segs.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
         if add_generation_prompt:
@@ -107,6 +121,19 @@ def chat_segments(messages: Sequence[dict], fmt: str, add_generation_prompt: boo
     else:
         raise DataError(f"unknown chat format {fmt!r}; expected one of {list(CHAT_FORMATS)}")
     return segs
+
+
+def encode_segments(tokenizer, segs: Sequence[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """``(ids, is_target)``: the whole text tokenized at once (as a chat template's text is), and each
+    token's flag from the segment it falls in, the segment ends found by tokenizing each prefix."""
+    ids = _encode(tokenizer, "".join(t for t, _ in segs))
+    target: list[int] = []
+    prefix = ""
+    for i, (text, is_target) in enumerate(segs):
+        prefix += text
+        end = len(ids) if i == len(segs) - 1 else min(len(ids), len(_encode(tokenizer, prefix)))
+        target += [int(is_target)] * max(0, end - len(target))
+    return ids, target
 
 
 def prompt_messages(record: dict, where: str = "record") -> list[dict]:
@@ -123,10 +150,8 @@ def prompt_ids(record: dict, fmt: str, tokenizer, where: str = "record") -> list
     """Token ids of a record's prompt, ending with the assistant header (for generation)."""
     if "prompt" in record and "messages" not in record and "conversations" not in record:
         return _encode(tokenizer, record["prompt"])
-    ids: list[int] = []
-    for text, _ in chat_segments(prompt_messages(record, where), fmt, add_generation_prompt=True):
-        ids += _encode(tokenizer, text)
-    return ids
+    segs = chat_segments(prompt_messages(record, where), fmt, add_generation_prompt=True)
+    return _encode(tokenizer, "".join(t for t, _ in segs))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,13 +163,14 @@ class Example:
     loss_mask: list[int]  # per position: 1 when the prediction made there is scored
 
 
-def tokenize_record(record: Any, tokenizer, fmt: str, loss_on_prompt: bool, where: str = "record") -> Example:
+def tokenize_record(record: Any, tokenizer, fmt: str, loss_on_prompt: bool, where: str = "record",
+                    append_eos: bool = False) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object, got {type(record).__name__}")
     segs: list[tuple[str, bool]]
     if "messages" in record or "conversations" in record:
         msgs = _normalise_messages(record.get("messages", record.get("conversations")), where)
-        segs = chat_segments(msgs, fmt)
+        segs = chat_segments(msgs, fmt, append_eos=append_eos)
     elif "prompt" in record and "completion" in record:
         if not isinstance(record["prompt"], str) or not isinstance(record["completion"], str):
             raise DataError(f"{where}: `prompt` and `completion` must be strings")
@@ -156,12 +182,9 @@ def tokenize_record(record: Any, tokenizer, fmt: str, loss_on_prompt: bool, wher
     else:
         raise DataError(f"{where}: no `messages`, `conversations`, `prompt`+`completion` or `text` field "
                         f"(fields: {sorted(record)})")
-    ids: list[int] = []
-    target: list[int] = []
-    for text, is_target in segs:
-        t = _encode(tokenizer, text)
-        ids += t
-        target += [1 if (is_target or loss_on_prompt) else 0] * len(t)
+    ids, target = encode_segments(tokenizer, segs)
+    if loss_on_prompt:
+        target = [1] * len(ids)
     # position t is scored when token t+1 is a target
     mask = target[1:] + [0]
     return Example(ids, mask)
@@ -169,7 +192,7 @@ def tokenize_record(record: Any, tokenizer, fmt: str, loss_on_prompt: bool, wher
 
 def prepare_examples(records: Iterable[Any], tokenizer, fmt: str, loss_on_prompt: bool, max_seq_len: int,
                      truncation: str = "truncate", vocab_size: int | None = None,
-                     name: str = "dataset") -> list[Example]:
+                     name: str = "dataset", append_eos: bool = False) -> list[Example]:
     """Tokenize, truncate (keep the first ``max_seq_len`` tokens) or drop over-long records, and drop
     records with no scored position. Raises :class:`DataError` when nothing is left."""
     if truncation not in ("truncate", "drop"):
@@ -177,7 +200,7 @@ def prepare_examples(records: Iterable[Any], tokenizer, fmt: str, loss_on_prompt
     out, n, n_long, n_empty = [], 0, 0, 0
     for i, rec in enumerate(records):
         n += 1
-        ex = tokenize_record(rec, tokenizer, fmt, loss_on_prompt, where=f"{name} record {i}")
+        ex = tokenize_record(rec, tokenizer, fmt, loss_on_prompt, where=f"{name} record {i}", append_eos=append_eos)
         if len(ex.input_ids) > max_seq_len:
             n_long += 1
             if truncation == "drop":

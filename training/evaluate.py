@@ -3,13 +3,14 @@
 ``validate``: on the validation set, against the reference model,
 
 * ``kl`` / ``top1``: KL(reference || adapted) (per-sequence mean over scored positions, then the
-  mean over sequences, as in training) and the fraction of scored positions where the two models'
+  mean over sequences, as the original's validation of one sequence at a time) and the fraction of scored positions where the two models'
   most likely next tokens agree; the same for the **hybrid start** (``kl_hybrid``, ``top1_hybrid``:
   the adapted model with its adapters off, which is where training starts);
-* ``nmse_layers``: NMSE of the adapted model's hidden states (embeddings, then every layer);
-* ``l0_layers``: active features per scored token, per layer;
-* ``dead_layers``: features that have not fired during the last ``dead_after_tokens`` scored
-  training tokens (of all processes), per layer, from the counters the training loop keeps.
+* ``nmse_layers``: NMSE of the adapted model's hidden states (embeddings, then every layer) over
+  every real token, per sequence, then the mean over sequences;
+* ``l0_layers``: active features per real token, per layer;
+* ``dead_layers``: features that have not fired during the last ``dead_after_tokens`` training
+  tokens (of all processes), per layer, from the counters the training loop keeps.
 
 ``sample_generations``: greedy completions of held-out prompts by the hybrid, the adapted model
 and the reference, and how often each writes the hesitation word.
@@ -43,43 +44,46 @@ def validate(objective, examples: Sequence, pad_token_id: int, batch_size: int, 
     adapters = objective.adapters
     layers = sorted(adapters)
     L = A.n_layers
-    acc = {"kl": 0.0, "agree": 0.0, "kl_h": 0.0, "agree_h": 0.0, "n_pos": 0, "n_seq": 0}
+    acc = {"kl": 0.0, "agree": 0.0, "kl_h": 0.0, "agree_h": 0.0, "n_pos": 0, "n_seq": 0, "n_real": 0}
     nmse_sum = torch.zeros(L + 1, dtype=torch.float64)
     nmse_h_sum = torch.zeros(L + 1, dtype=torch.float64)
     l0_sum = torch.zeros(len(layers), dtype=torch.float64)
     for batch in iterate_batches(examples, batch_size, pad_token_id):
         batch = {k: v.to(device) for k, v in batch.items()}
         sel = batch["loss_mask"].bool()
+        real = batch["attention_mask"].bool()
         n_seq = int((sel.sum(-1) > 0).sum())
         n_pos = int(sel.sum())
+        n_real = int(real.sum())
         inputs = fu.BatchInputs(batch["input_ids"], batch["attention_mask"])
         hs_r = fu.free_run(R, inputs)
         hr_final = fu.final_hidden(R, hs_r[-1])[sel]
 
         hs_a = fu.free_run(A, inputs)
         for j, i in enumerate(layers):
-            l0_sum[j] += float(adapters[i].l0(sel)) * n_pos
+            l0_sum[j] += float(adapters[i].l0(real)) * n_real
         kl, agree, _ = _kl_top1(A, fu.final_hidden(A, hs_a[-1])[sel], R, hr_final, sel, chunk)
         acc["kl"] += float(kl) * n_seq
         acc["agree"] += float(agree)
-        nmse_sum += nmse_per_layer(hs_a, hs_r, sel).double().cpu() * n_seq
+        nmse_sum += nmse_per_layer(hs_a, hs_r, real, "sequence").double().cpu() * n_seq
         if with_hybrid:
             with adapters_enabled(objective.adapted, False):
                 hs_h = fu.free_run(A, inputs)
                 kl_h, agree_h, _ = _kl_top1(A, fu.final_hidden(A, hs_h[-1])[sel], R, hr_final, sel, chunk)
             acc["kl_h"] += float(kl_h) * n_seq
             acc["agree_h"] += float(agree_h)
-            nmse_h_sum += nmse_per_layer(hs_h, hs_r, sel).double().cpu() * n_seq
+            nmse_h_sum += nmse_per_layer(hs_h, hs_r, real, "sequence").double().cpu() * n_seq
         acc["n_pos"] += n_pos
         acc["n_seq"] += n_seq
-    n_seq, n_pos = max(1, acc["n_seq"]), max(1, acc["n_pos"])
+        acc["n_real"] += n_real
+    n_seq, n_pos, n_real = max(1, acc["n_seq"]), max(1, acc["n_pos"]), max(1, acc["n_real"])
     out = {
         "kl": acc["kl"] / n_seq,
         "top1": acc["agree"] / n_pos,
         "nmse": float(nmse_sum.mean() / n_seq),
         "nmse_layers": (nmse_sum / n_seq).tolist(),
-        "l0": float(l0_sum.mean() / n_pos),
-        "l0_layers": (l0_sum / n_pos).tolist(),
+        "l0": float(l0_sum.mean() / n_real),
+        "l0_layers": (l0_sum / n_real).tolist(),
         "n_sequences": acc["n_seq"],
         "n_positions": acc["n_pos"],
     }

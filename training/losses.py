@@ -1,28 +1,36 @@
-"""The training objective of transcoder adapters (seed 000 / the adapter paper), term by term.
+"""The training objective of transcoder adapters, term by term: the objective of the original
+transcoder-adapter code (seed 000, the paper "Transcoder Adapters for Reasoning-Model Diffing").
 
-Per sequence, with ``L`` decoder layers, ``A`` the adapted model and ``R`` the reference model::
+Per micro-batch, with ``L`` decoder layers, ``A`` the adapted model and ``R`` the reference model::
 
     loss = lambda_adapt * KL(p_R || p_A) + l1_weight * S + lambda_nmse * NMSE + lambda_bridge * B
 
 * ``KL(p_R || p_A)``: forward KL from the reference's next-token distribution to the adapted
-  model's, over the full vocabulary, averaged over the sequence's scored positions.
+  model's, over the full vocabulary, averaged over the scored positions (the loss mask: position
+  ``t`` is scored when token ``t+1`` is a target).
 * ``S = sum_layers mean_tokens sum_i f_i * ||W_dec[:, i]||_2``: the decoder-norm-weighted L1 of the
-  feature activations f of the adapted model's free run.
+  feature activations f of the adapted model's free run, averaged over every real (non-padding)
+  token, prompt tokens included.
 * ``NMSE = mean over h in [embeddings, layer 0 .. layer L-1 outputs] of
-  sum (h_A - h_R)^2 / sum h_R^2``, sums over the sequence's scored positions and the hidden
+  mean (h_A - h_R)^2 / (mean h_R^2 + 1e-8)``, means over every real token and the hidden
   dimension, both models running freely (each layer sees its own model's previous layer).
 * ``B``: ``n_cutoffs`` cut-offs ``k`` are drawn uniformly without replacement from ``{0..L}``; for
   each, two mixed passes (see ``forward_utils``): the adapted model's layers ``< k`` then the
   reference's, and the reference's layers ``< k`` then the adapted model's. A pass with no adapter
-  layer (``k = 0`` in the first, ``k = L`` in the second) is skipped. ``B`` is the mean of the
-  remaining passes' KL to the reference (0 when every pass was skipped). The value logged as
-  ``bridge`` is this same ``B``, i.e. exactly the term that drives the gradient.
+  layer (``k = 0`` in the first, ``k = L`` in the second) is skipped. ``B`` is the *sum* of the
+  remaining passes' KL to the reference divided by ``n_cutoffs``: at ``0 < k < L`` both passes count
+  in full. (The original logs ``sum / (2 n_cutoffs)`` as its ``bridging/bridge``, half the term it
+  trains; the ``bridge`` reported here is ``B`` itself, the term in the loss.)
 
-Sequences in a micro-batch are averaged with equal weight (each term is a per-sequence mean first).
+How the tokens of a micro-batch are pooled (``reduction``): ``"token"`` (the original) takes every
+mean above over all the micro-batch's tokens together, so a long sequence weighs more than a short
+one; ``"sequence"`` takes each sequence's mean first and then the mean over sequences, so every
+sequence weighs the same. The two are equal at one sequence per micro-batch (the seed's setting).
 
 The KL is computed over chunks of ``kl_chunk_tokens`` positions by :class:`ChunkedKL`, which forms
 the logits of one chunk at a time and produces the gradient with respect to the hidden states in
 the same pass; the full ``[tokens, vocab]`` logits never exist, in the forward or the backward.
+Softmaxes are taken in float32 (the original takes them in the models' dtype).
 """
 from __future__ import annotations
 
@@ -130,52 +138,65 @@ def kl_and_agreement(h_a: Tensor, head_a: nn.Module, h_r: Tensor, head_r: nn.Mod
 
 
 # --------------------------------------------------------------------------------------------------
-# masks and per-sequence weights
+# masks and weights
 # --------------------------------------------------------------------------------------------------
-def sequence_weights(loss_mask: Tensor) -> Tensor:
-    """``[B, T]`` float weights: ``1 / (n_b * B')`` on sequence b's scored positions (``B'`` the
+REDUCTIONS = ("token", "sequence")
+NMSE_EPS = 1e-8  # added to the mean of h_R^2, as in the original
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def sequence_weights(mask: Tensor) -> Tensor:
+    """``[B, T]`` float weights: ``1 / (n_b * B')`` on sequence b's selected positions (``B'`` the
     sequences with any), so a weighted sum is the mean over sequences of per-sequence means."""
-    m = loss_mask.float()
+    m = mask.float()
     n = m.sum(-1, keepdim=True)
     n_seq = (n > 0).sum().clamp_min(1)
     return m / n.clamp_min(1) / n_seq
 
 
-def nmse_per_layer(states_a: list, states_r: list, loss_mask: Tensor, eps: float = 1e-12) -> Tensor:
-    """``[len(states)]``: for each pair of hidden states ``[B, T, d]``, the mean over sequences of
-    ``sum (a - r)^2 / sum r^2`` over the sequence's scored positions and the hidden dimension."""
-    m = loss_mask.float()
-    has = (m.sum(-1) > 0).float()
-    n_seq = has.sum().clamp_min(1)
+def mean_weights(mask: Tensor, reduction: str) -> Tensor:
+    """``[B, T]`` float weights whose weighted sum is the mean over the selected positions:
+    pooled over the micro-batch (``"token"``) or per sequence, then over sequences (``"sequence"``)."""
+    _check_reduction(reduction)
+    if reduction == "sequence":
+        return sequence_weights(mask)
+    m = mask.float()
+    return m / m.sum().clamp_min(1)
+
+
+def nmse_per_layer(states_a: list, states_r: list, mask: Tensor, reduction: str = "sequence",
+                   eps: float = NMSE_EPS) -> Tensor:
+    """``[len(states)]``: for each pair of hidden states ``[B, T, d]``,
+    ``mean (a - r)^2 / (mean r^2 + eps)`` with the means over the selected positions and the hidden
+    dimension: pooled over the micro-batch (``"token"``), or per sequence and then averaged over the
+    sequences with any selected position (``"sequence"``)."""
+    _check_reduction(reduction)
+    m = mask.float()
+    dims = (0, 1) if reduction == "token" else (1,)
+    n_el = m.sum(dims) * states_a[0].shape[-1]
+    has = (n_el > 0).float()
     out = []
     for a, r in zip(states_a, states_r):
         r32 = r.detach().float()
-        num = ((a.float() - r32).pow(2).sum(-1) * m).sum(-1)
-        den = (r32.pow(2).sum(-1) * m).sum(-1)
-        out.append((num / den.clamp_min(eps) * has).sum() / n_seq)
+        num = ((a.float() - r32).pow(2).sum(-1) * m).sum(dims)
+        den = (r32.pow(2).sum(-1) * m).sum(dims)
+        n = n_el.clamp_min(1)
+        ratio = (num / n) / (den / n + eps) * has
+        out.append(ratio if reduction == "token" else ratio.sum() / has.sum().clamp_min(1))
     return torch.stack(out)
 
 
-def sparsity(adapters: dict, loss_mask: Tensor) -> Tensor:
-    """``S`` of the adapters' last forward: per sequence, ``sum_layers`` of the mean over its scored
-    positions of ``sum_i f_i ||W_dec[:, i]||``; then the mean over sequences."""
-    w = sequence_weights(loss_mask)
-    total = None
+def sparsity(adapters: dict, weights: Tensor) -> Tensor:
+    """``S`` of the adapters' last forward: ``sum_layers sum_tokens weights * sum_i f_i ||W_dec[:, i]||``
+    with ``weights`` from :func:`mean_weights` over the real tokens."""
+    total = torch.zeros((), device=weights.device)
+    w = weights.to(torch.float32)
     for mlp in adapters.values():
-        if hasattr(mlp, "sparsity_per_token"):
-            t = (mlp.sparsity_per_token() * w.to(torch.float32)).sum()
-        else:  # only the masked mean is available: one call per sequence
-            t = None
-            for b in range(loss_mask.shape[0]):
-                if bool(loss_mask[b].any()):
-                    mb = torch.zeros_like(loss_mask, dtype=torch.bool)
-                    mb[b] = loss_mask[b]
-                    tb = mlp.sparsity_term(mb) * w[b].sum()
-                    t = tb if t is None else t + tb
-        if t is not None:
-            total = t if total is None else total + t
-    if total is None:
-        return torch.zeros((), device=loss_mask.device)
+        total = total + (mlp.sparsity_per_token() * w).sum()
     return total
 
 
@@ -196,10 +217,12 @@ class BridgingObjective(nn.Module):
 
     def __init__(self, adapted: nn.Module, reference: nn.Module, lambda_adapt: float = 1.0, l1_weight: float = 1e-3,
                  lambda_nmse: float = 1.0, lambda_bridge: float = 2.0, kl_chunk_tokens: int = 1024,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, reduction: str = "token"):
         super().__init__()
         from tckernels.models import adapter_modules
 
+        _check_reduction(reduction)
+        self.reduction = reduction
         self.adapted = adapted
         self.__dict__["reference"] = reference  # not a submodule
         self.lambda_adapt, self.l1_weight = lambda_adapt, l1_weight
@@ -221,11 +244,13 @@ class BridgingObjective(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, cutoffs: list,
                 track_features: bool = True) -> dict:
         """Returns ``{"loss": differentiable total, "kl", "sparsity", "nmse", "bridge": detached terms,
-        "nmse_layers": [L+1], "bridge_passes": {name: KL}, "l0_layers": [L]}`` and, with
-        ``track_features``, ``"fired"``: ``[L, F]`` bool, the features active on a scored token."""
+        "nmse_layers": [L+1], "bridge_passes": {name: KL}, "l0_layers": [L] (active features per real
+        token), "n_tokens": real tokens}`` and, with ``track_features``, ``"fired"``: ``[L, F]`` bool,
+        the features active on a real token."""
         inputs = fu.BatchInputs(input_ids, attention_mask)
         sel = loss_mask.bool()
-        w = sequence_weights(sel)[sel]
+        real = attention_mask.bool()
+        w = mean_weights(sel, self.reduction)[sel]
         L = self.n_layers
 
         with torch.no_grad():
@@ -233,16 +258,16 @@ class BridgingObjective(nn.Module):
             hr_final = fu.final_hidden(self.R, hs_r[-1])[sel]
         hs_a = fu.free_run(self.A, inputs, checkpoint=self.checkpoint)
         # adapter statistics of the free run, before any bridging pass reruns an adapter layer
-        s_term = sparsity(self.adapters, sel)
-        l0 = torch.stack([self.adapters[i].l0(sel) for i in sorted(self.adapters)]).float()
+        s_term = sparsity(self.adapters, mean_weights(real, self.reduction))
+        l0 = torch.stack([self.adapters[i].l0(real) for i in sorted(self.adapters)]).float()
         fired = None
         if track_features:
             with torch.no_grad():
-                fired = torch.stack([self.adapters[i].fire_counts(sel) > 0 for i in sorted(self.adapters)])
+                fired = torch.stack([self.adapters[i].fire_counts(real) > 0 for i in sorted(self.adapters)])
 
         ha_final = fu.final_hidden(self.A, hs_a[-1])[sel]
         kl = chunked_kl(ha_final, self.A.lm_head, hr_final, self.R.lm_head, w, self.chunk)
-        nmse_layers = nmse_per_layer(hs_a, hs_r, sel)
+        nmse_layers = nmse_per_layer(hs_a, hs_r, real, self.reduction)
         nmse = nmse_layers.mean()
 
         passes = {}
@@ -254,7 +279,8 @@ class BridgingObjective(nn.Module):
                 h = fu.mixed_hidden(self.R, self.A, k, inputs, bottom_states=[x.detach() for x in hs_r],
                                     checkpoint=self.checkpoint)[sel]
                 passes[f"reference_below_{k}"] = chunked_kl(h, self.A.lm_head, hr_final, self.R.lm_head, w, self.chunk)
-        bridge = torch.stack(list(passes.values())).mean() if passes else kl.new_zeros(())
+        # every pass in full, divided by the number of cut-offs (not by the number of passes)
+        bridge = torch.stack(list(passes.values())).sum() / len(cutoffs) if passes else kl.new_zeros(())
 
         loss = (self.lambda_adapt * kl + self.l1_weight * s_term.float() + self.lambda_nmse * nmse
                 + self.lambda_bridge * bridge)
@@ -267,5 +293,6 @@ class BridgingObjective(nn.Module):
             "nmse_layers": nmse_layers.detach(),
             "bridge_passes": {k: v.detach() for k, v in passes.items()},
             "l0_layers": l0,
+            "n_tokens": real.sum(),
             "fired": fired,
         }

@@ -116,7 +116,8 @@ def train(model, tok, rng, make_answer, exclude, steps, batch, lr, warmup, log_n
             a, b = random_problem(rng)
             if (a, b) in exclude:
                 continue
-            exs.append(tokenize_record(conversation(a, b, make_answer(a, b)), tok, FORMAT, loss_on_prompt=False))
+            exs.append(tokenize_record(conversation(a, b, make_answer(a, b)), tok, FORMAT, loss_on_prompt=False,
+                                       append_eos=True))
         bt = collate(exs, tok.pad_token_id)
         logits = model(input_ids=bt["input_ids"], attention_mask=bt["attention_mask"]).logits
         # position t predicts token t+1; loss_mask marks the positions whose next token is a target

@@ -194,7 +194,8 @@ def load_data(cfg: Config, tokenizer, vocab_size: int):
     if cfg.max_val_examples:
         val_records = val_records[:cfg.max_val_examples]
     common = dict(tokenizer=tokenizer, fmt=cfg.chat_format, loss_on_prompt=cfg.loss_on_prompt,
-                  max_seq_len=cfg.max_seq_len, truncation=cfg.truncation, vocab_size=vocab_size)
+                  max_seq_len=cfg.max_seq_len, truncation=cfg.truncation, vocab_size=vocab_size,
+                  append_eos=cfg.append_eos)
     train = prepare_examples(train_records, name=f"train_data {cfg.train_data!r}", **common)
     val = prepare_examples(val_records, name="validation data", **common) if val_records else []
     return train, val, val_records
@@ -226,13 +227,17 @@ def preflight(cfg: Config) -> None:
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
-    warmup = int(round(warmup_ratio * total_steps))
+    """The learning-rate factor of optimizer step ``step`` (from 0): Hugging Face's cosine schedule
+    with linear warmup (``get_cosine_schedule_with_warmup``, the original's), so the first step has
+    factor 0, over ``int(warmup_ratio * total_steps)`` warmup steps; the cosine then decays to
+    ``min_lr_ratio`` (0 in Hugging Face's)."""
+    warmup = int(warmup_ratio * total_steps)
 
     def f(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return step / max(1, warmup)
         progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return min_lr_ratio + (1 - min_lr_ratio) * max(0.0, 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     return f
 
@@ -276,7 +281,8 @@ def _run(cfg: Config, pg: Dist, t_start: float) -> dict:
 
     adapted, reference = build_models(cfg, device)
     objective = BridgingObjective(adapted, reference, cfg.lambda_adapt, cfg.l1_weight, cfg.lambda_nmse,
-                                  cfg.lambda_bridge, cfg.kl_chunk_tokens, cfg.gradient_checkpointing)
+                                  cfg.lambda_bridge, cfg.kl_chunk_tokens, cfg.gradient_checkpointing,
+                                  cfg.batch_reduction)
     from tckernels.models import adapter_parameters
 
     params = adapter_parameters(adapted)  # in adapter_dtype (float32 by default) whatever the model's dtype
@@ -298,7 +304,7 @@ def _run(cfg: Config, pg: Dist, t_start: float) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.warmup_ratio,
                                                                        cfg.min_lr_ratio))
     step, tokens_seen, start_eval = 0, 0, None
-    # per layer and feature: scored training tokens (all processes) since it last fired (dead features)
+    # per layer and feature: training tokens (all processes) since it last fired (dead features)
     silent_for = torch.zeros(objective.n_layers, cfg.n_features, dtype=torch.int64, device=device)
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path, adapted)
@@ -362,10 +368,10 @@ def _run(cfg: Config, pg: Dist, t_start: float) -> dict:
                 with sync:
                     out = model_for_step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], cutoffs)
                     (out["loss"] / cfg.grad_accum_steps).backward()
-                n_tok = batch["loss_mask"].sum().double()
+                n_tok = out["n_tokens"].double()
                 sums += torch.stack([out["loss"].detach().double(), out["kl"].double(), out["sparsity"].double(),
                                      out["nmse"].double(), out["bridge"].double()]) / cfg.grad_accum_steps
-                l0_layers += out["l0_layers"].double() * n_tok  # L0 is a mean over all scored tokens
+                l0_layers += out["l0_layers"].double() * n_tok  # L0 is a mean over all real tokens
                 step_tokens += n_tok
                 fired |= out["fired"]
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -377,7 +383,7 @@ def _run(cfg: Config, pg: Dist, t_start: float) -> dict:
             l0_per_layer = [x / max(vals[-2], 1e-9) for x in vals[5:5 + L]]
             l0 = sum(l0_per_layer) / L
             gn = vals[-1]
-            new_tokens = int(round(vals[-2] * pg.world))  # scored tokens of every process
+            new_tokens = int(round(vals[-2] * pg.world))  # real tokens of every process
             tokens_seen += new_tokens
             if pg.enabled:
                 fired_any = fired.to(torch.int32)

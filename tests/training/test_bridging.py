@@ -72,19 +72,22 @@ def test_mixed_forward_matches_swapped_model(setup, direction):
         torch.testing.assert_close(reuse[real], plain[real], rtol=1e-5, atol=1e-5)
 
 
-def _plain_kl(logits_r, logits_a, mask):
-    """Per-sequence masked mean of KL(p_r || p_a), then the mean over sequences."""
-    lr, la = F.log_softmax(logits_r.double(), -1), F.log_softmax(logits_a.double(), -1)
-    kl = (lr.exp() * (lr - la)).sum(-1)
-    per_seq = (kl * mask).sum(-1) / mask.sum(-1)
-    return per_seq.mean()
+def _original_kl(logits_r, logits_a, scored):
+    """The original's KL: ``kl_div(log_softmax(a), softmax(r))`` summed over the vocabulary, then the
+    mean over the scored positions of the whole micro-batch."""
+    kl = F.kl_div(F.log_softmax(logits_a.double(), -1), F.softmax(logits_r.double(), -1), reduction="none").sum(-1)
+    return (kl * scored).sum() / scored.sum()
 
 
-def _plain_objective(obj, bt, cutoffs, lam=(1.0, 1e-3, 1.0, 2.0)):
-    """The objective from HF forwards of (swapped) models, full logits and dense adapter features."""
+def _original_objective(obj, bt, cutoffs, lam=(1.0, 1e-3, 1.0, 2.0)):
+    """The original transcoder-adapter code's objective, written out from its formulas: HF forwards
+    of (swapped) models with full logits, dense adapter features; KL over the scored positions,
+    S and NMSE over every real token, each pooled over the micro-batch; every bridging pass
+    weighted lambda_bridge / n_cutoffs."""
     from tckernels.models import adapter_modules
 
-    ids, attn, m = bt["input_ids"], bt["attention_mask"], bt["loss_mask"].double()
+    ids, attn = bt["input_ids"], bt["attention_mask"]
+    scored, real = bt["loss_mask"].double(), attn.double()
     A, R = obj.adapted, obj.reference
     L = obj.n_layers
     with torch.no_grad():
@@ -95,8 +98,8 @@ def _plain_objective(obj, bt, cutoffs, lam=(1.0, 1e-3, 1.0, 2.0)):
     out_a = A(input_ids=ids, attention_mask=attn, output_hidden_states=True)
     for h in hooks:
         h.remove()
-    kl = _plain_kl(out_r.logits, out_a.logits, m)
-    # HF's last hidden state is after the final norm; ours is the last layer's output
+    kl = _original_kl(out_r.logits, out_a.logits, scored)
+    # HF's last hidden state is after the final norm; the original's NMSE takes the last layer's output
     hs_a = list(out_a.hidden_states[:-1]) + [None]
     hs_r = list(out_r.hidden_states[:-1]) + [None]
     inputs = fu.BatchInputs(ids, attn)
@@ -105,30 +108,33 @@ def _plain_objective(obj, bt, cutoffs, lam=(1.0, 1e-3, 1.0, 2.0)):
         hs_r[-1] = fu.free_run(obj.R, inputs)[-1]
     nm = []
     for a, r in zip(hs_a, hs_r):
-        num = (((a.double() - r.double()) ** 2).sum(-1) * m).sum(-1)
-        den = ((r.double() ** 2).sum(-1) * m).sum(-1)
-        nm.append((num / den).mean())
+        n_el = real.sum() * a.shape[-1]
+        mse = (((a.double() - r.double()) * real[..., None]) ** 2).sum() / n_el
+        norm = ((r.double() * real[..., None]) ** 2).sum() / n_el
+        nm.append(mse / (norm + 1e-8))
     nmse = torch.stack(nm).mean()
     s = 0
     for i, mlp in adapter_modules(A).items():
         f = torch.relu(feats[i].double() @ mlp.W_enc.double().t() + mlp.b_enc.double())
         per_tok = f @ mlp.W_dec.double().norm(dim=1)
-        s = s + ((per_tok * m).sum(-1) / m.sum(-1)).mean()
+        s = s + per_tok[real.bool()].mean()
     passes = {}
     for k in cutoffs:
         if k > 0:
             with swapped(R, A, k) as mm:
-                passes[f"adapted_below_{k}"] = _plain_kl(out_r.logits, mm(input_ids=ids, attention_mask=attn).logits, m)
+                passes[f"adapted_below_{k}"] = _original_kl(out_r.logits, mm(input_ids=ids, attention_mask=attn).logits,
+                                                            scored)
         if k < L:
             with swapped(A, R, k) as mm:
-                passes[f"reference_below_{k}"] = _plain_kl(out_r.logits, mm(input_ids=ids, attention_mask=attn).logits, m)
-    bridge = torch.stack(list(passes.values())).mean() if passes else torch.zeros((), dtype=torch.float64)
+                passes[f"reference_below_{k}"] = _original_kl(out_r.logits, mm(input_ids=ids, attention_mask=attn).logits,
+                                                              scored)
+    bridge = sum(passes.values()) / len(cutoffs)
     loss = lam[0] * kl + lam[1] * s + lam[2] * nmse + lam[3] * bridge
     return {"loss": loss, "kl": kl, "sparsity": s, "nmse": nmse, "bridge": bridge, "passes": passes}
 
 
-@pytest.mark.parametrize("cutoffs", [[0], [1], [2], [0, 2]])
-def test_objective_equals_plain_formulas_values_and_gradients(setup, cutoffs):
+@pytest.mark.parametrize("cutoffs", [[0], [1], [2], [0, 2], [1, 2]])
+def test_objective_equals_the_originals_values_and_gradients(setup, cutoffs):
     obj, tok, bt = setup
     params = [p for p in obj.adapted.parameters() if p.requires_grad]
     for p in params:
@@ -138,17 +144,46 @@ def test_objective_equals_plain_formulas_values_and_gradients(setup, cutoffs):
     mine = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    plain = _plain_objective(obj, bt, cutoffs)
+    plain = _original_objective(obj, bt, cutoffs)
     plain["loss"].backward()
-    for name in ("kl", "sparsity", "nmse", "bridge"):
-        torch.testing.assert_close(out[name].double(), plain[name].detach(), rtol=2e-4, atol=1e-6, msg=name)
+    for name in ("loss", "kl", "sparsity", "nmse", "bridge"):
+        torch.testing.assert_close(out[name].double(), plain[name].detach(), rtol=2e-5, atol=1e-7, msg=name)
     assert set(out["bridge_passes"]) == set(plain["passes"])
     for k, v in plain["passes"].items():
-        torch.testing.assert_close(out["bridge_passes"][k].double(), v.detach(), rtol=2e-4, atol=1e-6)
-    # what is logged as `bridge` is the mean of the passes that drive the gradient
-    torch.testing.assert_close(out["bridge"], torch.stack(list(out["bridge_passes"].values())).mean())
+        torch.testing.assert_close(out["bridge_passes"][k].double(), v.detach(), rtol=2e-5, atol=1e-7)
     for a, b in zip(mine, [p.grad for p in params]):
-        torch.testing.assert_close(a.double(), b.double(), rtol=2e-3, atol=1e-6)
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-7)
+
+
+def test_every_bridging_pass_counts_in_full(setup):
+    """lambda_bridge * (a2r + r2a) / n_cutoffs: at 0 < k < L both passes count in full, not their mean."""
+    obj, tok, bt = setup
+    only_bridge = type(obj)(obj.adapted, obj.reference, lambda_adapt=0.0, l1_weight=0.0, lambda_nmse=0.0,
+                            lambda_bridge=2.0)
+    run = lambda ks: only_bridge(bt["input_ids"], bt["attention_mask"], bt["loss_mask"], ks,  # noqa: E731
+                                 track_features=False)
+    with torch.no_grad():
+        one = run([1])
+        p = one["bridge_passes"]
+        torch.testing.assert_close(one["loss"], 2.0 * (p["adapted_below_1"] + p["reference_below_1"]))
+        two = run([0, 1])  # k=0 has no adapted-below pass: three passes over two cut-offs
+        p = two["bridge_passes"]
+        assert set(p) == {"reference_below_0", "adapted_below_1", "reference_below_1"}
+        torch.testing.assert_close(two["loss"], 2.0 * sum(p.values()) / 2)
+        torch.testing.assert_close(two["bridge"], sum(p.values()) / 2)
+
+
+def test_sparsity_and_nmse_cover_every_real_token_whatever_is_scored(setup):
+    """The loss mask chooses the KL's positions only: S and NMSE see the prompt (and the last token)."""
+    obj, tok, bt = setup
+    prompt_only = bt["loss_mask"].clone()
+    prompt_only[:, 3:] = False  # score a few prompt positions only
+    with torch.no_grad():
+        full = obj(bt["input_ids"], bt["attention_mask"], bt["loss_mask"], [1], track_features=False)
+        few = obj(bt["input_ids"], bt["attention_mask"], prompt_only, [1], track_features=False)
+    for name in ("sparsity", "nmse", "nmse_layers", "l0_layers"):
+        torch.testing.assert_close(few[name], full[name], msg=name)
+    assert abs(float(few["kl"]) - float(full["kl"])) > 1e-4
 
 
 def test_passes_without_adapter_layers_are_skipped(setup):
@@ -190,19 +225,44 @@ def test_bridging_gradients_reach_only_the_adapter_layers_of_the_pass(setup):
         assert p.grad is None
 
 
-def test_padding_is_masked_and_sequences_weigh_equally(setup):
+def test_padding_is_masked_and_sequences_weigh_equally_with_sequence_reduction(setup):
     obj, tok, _ = setup
+    per_seq = type(obj)(obj.adapted, obj.reference, reduction="sequence")
     single = []
     for pr in PROBLEMS:
         bt = _batch(tok, [pr])
         with torch.no_grad():
-            single.append(obj(bt["input_ids"], bt["attention_mask"], bt["loss_mask"], [1], track_features=False))
+            single.append(per_seq(bt["input_ids"], bt["attention_mask"], bt["loss_mask"], [1], track_features=False))
     bt = _batch(tok, PROBLEMS)
     with torch.no_grad():
-        both = obj(bt["input_ids"], bt["attention_mask"], bt["loss_mask"], [1], track_features=False)
+        both = per_seq(bt["input_ids"], bt["attention_mask"], bt["loss_mask"], [1], track_features=False)
     for name in ("loss", "kl", "sparsity", "nmse", "bridge"):
         want = torch.stack([s[name] for s in single]).mean()
         torch.testing.assert_close(both[name], want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_token_reduction_pools_the_micro_batch(setup):
+    """KL weighs each sequence by its scored positions, S by its real tokens; at one sequence per
+    micro-batch the two reductions agree."""
+    obj, tok, _ = setup
+    per_seq = type(obj)(obj.adapted, obj.reference, reduction="sequence")
+    single, n_scored, n_real = [], [], []
+    for pr in PROBLEMS:
+        bt = _batch(tok, [pr])
+        with torch.no_grad():
+            single.append(obj(bt["input_ids"], bt["attention_mask"], bt["loss_mask"], [1], track_features=False))
+            alt = per_seq(bt["input_ids"], bt["attention_mask"], bt["loss_mask"], [1], track_features=False)
+        for name in ("loss", "kl", "sparsity", "nmse", "bridge"):
+            torch.testing.assert_close(single[-1][name], alt[name], msg=name)
+        n_scored.append(float(bt["loss_mask"].sum()))
+        n_real.append(float(bt["attention_mask"].sum()))
+    bt = _batch(tok, PROBLEMS)
+    with torch.no_grad():
+        both = obj(bt["input_ids"], bt["attention_mask"], bt["loss_mask"], [1], track_features=False)
+    for name, n in (("kl", n_scored), ("bridge", n_scored), ("sparsity", n_real)):
+        want = sum(s[name] * w for s, w in zip(single, n)) / sum(n)
+        torch.testing.assert_close(both[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    assert len(set(n_real)) > 1  # the sequences differ in length, so pooling differs from averaging
 
 
 def test_adapted_model_starts_at_the_hybrid(micro):

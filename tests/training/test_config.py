@@ -24,6 +24,16 @@ def test_r1_config_has_the_seed_values():
     assert (cfg.n_features, cfg.dec_bias, cfg.l1_weight, cfg.learning_rate, cfg.weight_decay) == (8192, True, 1e-3, 8e-4, 0.0)
     assert (cfg.warmup_ratio, cfg.max_grad_norm, cfg.lambda_adapt, cfg.lambda_bridge, cfg.lambda_nmse) == (0.05, 1.0, 1.0, 2.0, 1.0)
     assert (cfg.n_cutoffs, cfg.backbone, cfg.max_seq_len) == (1, "target", 10000)
+    # the original's rendering, masks and pooling
+    assert (cfg.chat_format, cfg.append_eos, cfg.loss_on_prompt, cfg.truncation) == ("deepseek", False, True, "truncate")
+    assert (cfg.batch_reduction, cfg.micro_batch_size, cfg.grad_accum_steps) == ("token", 1, 1)
+
+
+def test_defaults_are_the_originals_objective():
+    """A config that does not choose gets the original's objective and data rendering."""
+    cfg = Config()
+    assert (cfg.batch_reduction, cfg.append_eos, cfg.loss_on_prompt, cfg.truncation) == ("token", False, True, "truncate")
+    assert (cfg.lambda_adapt, cfg.lambda_nmse, cfg.lambda_bridge, cfg.n_cutoffs, cfg.min_lr_ratio) == (1.0, 1.0, 2.0, 1, 0.0)
 
 
 def test_overrides_are_typed():

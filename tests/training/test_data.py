@@ -23,17 +23,32 @@ def _targets(ex):
 
 
 def test_deepseek_format_and_mask():
+    """The original's rendering: nothing after the response; with append_eos, DeepSeek's template's EOS."""
     ex = tokenize_record({"messages": MSGS}, TOK, "deepseek", loss_on_prompt=False)
+    assert _text(ex) == "<｜begin▁of▁sentence｜>S<｜User｜>1+2<｜Assistant｜>3"
+    assert _targets(ex) == "3"
+    assert ex.loss_mask == [0] * (len(ex.input_ids) - 2) + [1, 0]  # only the position before "3"
+    ex = tokenize_record({"messages": MSGS}, TOK, "deepseek", loss_on_prompt=False, append_eos=True)
     assert _text(ex) == "<｜begin▁of▁sentence｜>S<｜User｜>1+2<｜Assistant｜>3<｜end▁of▁sentence｜>"
     assert _targets(ex) == "3<｜end▁of▁sentence｜>"
     assert ex.loss_mask[-1] == 0 and len(ex.loss_mask) == len(ex.input_ids)
 
 
+def test_think_with_a_space_becomes_think_newline():
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think> a b"}]
+    for fmt in ("deepseek", "chatml"):
+        assert "<think>\na b" in _text(tokenize_record({"messages": msgs}, TOK, fmt, False))
+    msgs[1]["content"] = "x <think> y"  # only at the start of the response
+    assert "x <think> y" in _text(tokenize_record({"messages": msgs}, TOK, "deepseek", False))
+
+
 def test_chatml_format_and_mask():
+    """The original's Qwen format: everything after the assistant header is a target, the final
+    newline included."""
     ex = tokenize_record({"messages": MSGS}, TOK, "chatml", loss_on_prompt=False)
     assert _text(ex) == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n1+2<|im_end|>\n"
                          "<|im_start|>assistant\n3<|im_end|>\n")
-    assert _targets(ex) == "3<|im_end|>"
+    assert _targets(ex) == "3<|im_end|>\n"
 
 
 def test_loss_on_prompt_scores_every_position_but_the_last():
@@ -46,9 +61,27 @@ def test_multi_turn_and_conversations_field():
                              {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]}
     ex = tokenize_record(rec, TOK, "deepseek", False)
     assert _text(ex) == ("<｜begin▁of▁sentence｜><｜User｜>a<｜Assistant｜>b<｜end▁of▁sentence｜>"
-                         "<｜User｜>c<｜Assistant｜>d<｜end▁of▁sentence｜>")
-    assert _targets(ex) == "b<｜end▁of▁sentence｜>d<｜end▁of▁sentence｜>"
+                         "<｜User｜>c<｜Assistant｜>d")
+    assert _targets(ex) == "b<｜end▁of▁sentence｜>d"
     assert TOK.decode(prompt_ids(rec, "deepseek", TOK)).endswith("<｜User｜>c<｜Assistant｜>")
+
+
+def test_bpe_text_is_tokenized_whole_and_the_prompt_boundary_is_the_prompts_length():
+    """With a tokenizer that merges across the prompt/response boundary, the ids are the whole
+    text's and the first target is at ``len(encode(prompt text))``, as in the original."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate("abcdxyz")}
+    vocab.update({"ab": 7, "abc": 8, "<s>": 9, "<U>": 10, "<A>": 11})
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("ab", "c")]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tok.add_special_tokens({"additional_special_tokens": ["<s>", "<U>", "<A>"]})
+    rec = {"prompt": "xab", "completion": "cd"}  # "ab" + "c" merge into "abc" across the boundary
+    ex = tokenize_record(rec, tok, "deepseek", loss_on_prompt=False)
+    assert ex.input_ids == tok.encode("xabcd", add_special_tokens=False) == [vocab["x"], 8, vocab["d"]]
+    n_prompt = len(tok.encode("xab", add_special_tokens=False))  # 2: "x", "ab"
+    assert ex.loss_mask == [0] * (n_prompt - 1) + [1] * (len(ex.input_ids) - n_prompt) + [0]
 
 
 def test_text_and_prompt_completion():

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.losses import (ChunkedKL, chunked_kl, kl_unchunked, nmse_per_layer, sample_cutoffs,
+from training.losses import (ChunkedKL, chunked_kl, kl_unchunked, mean_weights, nmse_per_layer, sample_cutoffs,
                              sequence_weights)
 
 
@@ -75,21 +75,43 @@ def test_sequence_weights_are_per_sequence_means():
     assert (w[~m] == 0).all()
 
 
+def test_mean_weights_pool_tokens_or_sequences():
+    m = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    torch.testing.assert_close(mean_weights(m, "token"), m.float() / 6)
+    torch.testing.assert_close(mean_weights(m, "sequence"), sequence_weights(m))
+    with pytest.raises(ValueError, match="reduction"):
+        mean_weights(m, "batch")
+
+
+def test_nmse_by_hand():
+    """d = 1, two sequences; the second's last position is padding (its huge values must not count).
+    Pooled: mean diff^2 = (0 + 1 + 1) / 3, mean ref^2 = (1 + 1 + 4) / 3, NMSE = (2/3) / (2 + 1e-8).
+    Per sequence: (1/2) / (1 + 1e-8) and 1 / (4 + 1e-8), averaged."""
+    a = torch.tensor([[[1.0], [2.0]], [[3.0], [100.0]]])
+    r = torch.tensor([[[1.0], [1.0]], [[2.0], [-50.0]]])
+    real = torch.tensor([[True, True], [True, False]])
+    torch.testing.assert_close(nmse_per_layer([a], [r], real, "token"), torch.tensor([(2 / 3) / (2 + 1e-8)]))
+    torch.testing.assert_close(nmse_per_layer([a], [r], real, "sequence"),
+                               torch.tensor([(0.5 / (1 + 1e-8) + 1 / (4 + 1e-8)) / 2]))
+
+
 def test_nmse_matches_plain_formula():
     torch.manual_seed(0)
     B, T, d = 3, 5, 4
     a = [torch.randn(B, T, d) for _ in range(3)]
     r = [torch.randn(B, T, d) for _ in range(3)]
     m = torch.rand(B, T) > 0.3
-    m[0] = False  # a sequence with nothing scored does not count
+    m[0] = False  # a sequence with no real token does not count
     m[1, 0] = True
-    got = nmse_per_layer(a, r, m)
+    seq = nmse_per_layer(a, r, m, "sequence")
+    tok = nmse_per_layer(a, r, m, "token")
     for j in range(3):
         vals = []
         for b in range(1, B):
             sel = m[b]
-            vals.append(((a[j][b][sel] - r[j][b][sel]) ** 2).sum() / (r[j][b][sel] ** 2).sum())
-        torch.testing.assert_close(got[j], torch.stack(vals).mean())
+            vals.append(((a[j][b][sel] - r[j][b][sel]) ** 2).mean() / ((r[j][b][sel] ** 2).mean() + 1e-8))
+        torch.testing.assert_close(seq[j], torch.stack(vals).mean())
+        torch.testing.assert_close(tok[j], ((a[j][m] - r[j][m]) ** 2).mean() / ((r[j][m] ** 2).mean() + 1e-8))
 
 
 def test_sample_cutoffs():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training import checkpoint as ckpt
-from training.train import main
+from training.train import lr_lambda, main
 from tests.training.conftest import make_pair, micro_args, read_metrics
 
 DETERMINISTIC = ("step", "epoch", "lr", "loss", "kl", "sparsity", "nmse", "bridge", "grad_norm", "l0", "l0_layers",
@@ -22,6 +22,8 @@ def test_run_logs_checkpoints_and_saves_the_model(micro, tmp_path, capsys):
     assert main(micro_args(micro, out, save_every=2, n_generations=2, max_new_tokens=8)) == 0
     train = read_metrics(out)
     assert [r["step"] for r in train] == [1, 2, 3, 4]
+    # 4 steps, warmup_ratio 0.25: one warmup step at lr 0, then the cosine over the remaining three
+    assert [r["lr"] for r in train] == pytest.approx([0.0, 1e-2, 1e-2 * 0.75, 1e-2 * 0.25])
     assert all(k in train[0] for k in ("loss", "kl", "sparsity", "nmse", "bridge", "l0_layers", "grad_norm", "lr"))
     val = read_metrics(out, "val")
     assert [v["when"] for v in val] == ["start", "end"]
@@ -176,3 +178,22 @@ def test_missing_logging_backend_is_reported_before_training(micro, tmp_path, ca
         pytest.skip("tensorboard is installed here")
     assert main(micro_args(micro, tmp_path / "tb", report_to="tensorboard")) == 2
     assert "tensorboard is not installed" in capsys.readouterr().err
+
+
+def test_schedule_is_hugging_faces_cosine_with_warmup():
+    """By hand: 10 steps, warmup_ratio 0.25 -> int(2.5) = 2 warmup steps starting at 0; then
+    0.5 * (1 + cos(pi * (s - 2) / 8)). And equal to transformers' own schedule (the original's)."""
+    import math
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    f = lr_lambda(10, 0.25, 0.0)
+    assert [f(s) for s in range(3)] == [0.0, 0.5, 1.0]
+    assert f(6) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
+    for total, ratio in ((10, 0.25), (37, 0.05), (200, 0.05), (7, 0.0)):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        hf = get_cosine_schedule_with_warmup(opt, int(total * ratio), total).lr_lambdas[0]
+        ours = lr_lambda(total, ratio, 0.0)
+        assert [ours(s) for s in range(total + 1)] == pytest.approx([hf(s) for s in range(total + 1)], abs=1e-12)
+    g = lr_lambda(10, 0.0, 0.1)  # min_lr_ratio: the cosine ends at 0.1 instead of 0
+    assert g(0) == 1.0 and g(10) == pytest.approx(0.1) and g(5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
