@@ -3,9 +3,9 @@
 Some of the tools tckernels must work with pin versions that cannot share an environment with
 tckernels' own (the transcoder-adapter code pins transformers 4.57.1; tckernels runs on 5.x). Each
 such environment is a virtual environment under ``.venvs/<name>`` in the repository (ignored by
-git), made on first use from the package registry and kept for later runs. It sees this
-environment's packages (torch, safetensors, ...) except the ones it installs itself, which come
-first. Tests run scripts in it with :func:`run_script` and compare what they print with what
+git), made on first use from the package registry and kept for later runs. It sees the packages
+of the environment running the tests (torch, safetensors, ...; a ``.pth`` file lists their
+directories, so this works from a virtual environment too) after the ones it installs itself. Tests run scripts in it with :func:`run_script` and compare what they print with what
 tckernels computes here.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -48,13 +49,19 @@ def peer_python(name: str) -> str:
         if _works(name):
             return _python(name)
         reqs = ENVIRONMENTS[name][0]
-        steps = [[sys.executable, "-m", "venv", "--clear", "--system-site-packages", os.path.join(VENVS, name)],
-                 [_python(name), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *reqs]]
-        for cmd in steps:
+        def step(cmd):
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 pytest.fail(f"could not make the {name} environment ({' '.join(reqs)}): {' '.join(cmd)} "
                             f"failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            return r.stdout
+
+        step([sys.executable, "-m", "venv", "--clear", os.path.join(VENVS, name)])
+        own = step([_python(name), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
+        parent = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+        with open(os.path.join(own, "_tckernels_parent_environment.pth"), "w") as f:
+            f.write("\n".join(parent) + "\n")
+        step([_python(name), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *reqs])
         if not _works(name):
             pytest.fail(f"the {name} environment was made but `{ENVIRONMENTS[name][1]}` fails in it")
         return _python(name)
