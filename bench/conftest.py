@@ -1,16 +1,27 @@
+import functools
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-import tckernels
+# Smoke mode runs the Triton kernels on CPU tensors; the interpreter is chosen when triton is
+# imported, so before tckernels is.
+if os.environ.get("TCK_BENCH_SMOKE") == "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# TCK_BENCH_RESULTS redirects the JSON files (e.g. to $OUT on a lent GPU machine).
-RESULTS = Path(os.environ.get("TCK_BENCH_RESULTS", Path(__file__).parent / "results"))
+import tckernels  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# TCK_BENCH_RESULTS redirects the JSON files (e.g. to $OUT on a lent GPU machine). Smoke runs
+# measure nothing, so by default they stay out of bench/results.
+_DEFAULT_RESULTS = (Path(tempfile.gettempdir()) / "tckernels-bench-smoke" if os.environ.get("TCK_BENCH_SMOKE") == "1"
+                    else Path(__file__).parent / "results")
+RESULTS = Path(os.environ.get("TCK_BENCH_RESULTS", _DEFAULT_RESULTS))
 
 
 def environment() -> dict:
@@ -23,6 +34,7 @@ def environment() -> dict:
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
+        env["driver"] = _driver_version()
         env["cuda"] = torch.version.cuda
     try:
         import triton
@@ -30,7 +42,38 @@ def environment() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         pass
+    env.update(dict(_git_commit()))
     return env
+
+
+@functools.lru_cache(maxsize=None)  # asked once per run: suites rewrite their file after every figure
+def _driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _git_commit() -> dict:
+    """The commit measured, and whether tracked files differ from it. A copy of the working tree
+    without .git (as a lent GPU machine may get) can name it through TCK_GIT_COMMIT."""
+    def git(*args):
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, timeout=20)
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = None
+    if commit is None:
+        return {"git_commit": os.environ.get("TCK_GIT_COMMIT"), "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(dirty)}
 
 
 def peak_in_subprocess(variant: str, device: str, **shape) -> int:
@@ -38,12 +81,15 @@ def peak_in_subprocess(variant: str, device: str, **shape) -> int:
     args = [sys.executable, "-m", "bench.transcoder_step", "--variant", variant, "--device", device]
     for key, value in shape.items():
         args += [f"--{key}", str(value)]
-    out = subprocess.run(args, check=True, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    out = subprocess.run(args, check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    # written aside, then renamed: a run killed mid-write leaves the previous complete file
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    tmp.replace(path)
     return path
