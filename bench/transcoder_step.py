@@ -4,6 +4,8 @@
   dense       linear -> relu -> topk -> scatter into a dense [M, N] -> linear (dense eager PyTorch)
   embbag      the same encoder, F.embedding_bag decoder (what popular SAE libraries use)
 
+and, where EleutherAI's sparsify is installed, its SparseCoder's own step (sparsify_step).
+
 Used by the pytest-benchmark files and, as a script, to measure one variant's memory in a
 fresh process:  python -m bench.transcoder_step --variant dense --device cpu
 """
@@ -23,10 +25,12 @@ VARIANTS = ("tckernels", "dense", "embbag")
 
 
 def make_params(M, D, N, k, dtype=torch.float32, device="cpu", seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device itself: the CPU's generator takes seconds per 10^9 elements. On the CPU
+    # the values are those of earlier runs (float32 draws, then the dtype).
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def p(*shape, scale):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype=dtype).requires_grad_()
 
     params = dict(
         W_enc=p(N, D, scale=D**-0.5),
@@ -34,7 +38,7 @@ def make_params(M, D, N, k, dtype=torch.float32, device="cpu", seed=0):
         W_dec=p(N, D, scale=k**-0.5),
         b_dec=p(D, scale=0.01),
     )
-    x = torch.randn(M, D, generator=g).to(device=device, dtype=dtype)
+    x = torch.randn(M, D, generator=g, device=device).to(dtype=dtype)
     return params, x
 
 
@@ -63,6 +67,31 @@ def make_step(variant, params, x, k):
         loss = loss_fn(variant, params, x, k)
         loss.backward()
         return loss
+
+    return step
+
+
+def sparsify_step(params, x, k):
+    """EleutherAI sparsify's own training step (its SparseCoder: fused encoder with an index_add
+    backward, its Triton embedding-bag decoder, FVU loss) on a copy of ``params``. Raises
+    ImportError when sparsify (pip package eai-sparsify) is not installed."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    W_enc, b_enc, W_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
+    N, D = W_enc.shape
+    cfg = SparseCoderConfig(activation="topk", num_latents=N, k=k, normalize_decoder=False)
+    sae = SparseCoder(D, cfg, device=W_enc.device, dtype=W_enc.dtype)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(W_enc)
+        sae.encoder.bias.copy_(b_enc)
+        sae.W_dec.copy_(W_dec)
+        sae.b_dec.copy_(b_dec)
+
+    def step():
+        sae.zero_grad(set_to_none=True)
+        out = sae(x)
+        out.fvu.backward()
+        return out.fvu
 
     return step
 
