@@ -1,45 +1,273 @@
-"""Shared pieces of the GPU benchmarks: timing with CUDA events, the ceilings of the device."""
+"""Shared pieces of the GPU benchmarks: the timer, the device's copy bandwidth, random inputs made
+on the device, peak memory, and the figures file each suite writes.
+
+Modes, chosen by environment variables:
+  (neither)          a CUDA device is needed (the suites skip without one); 20 timed rounds
+  TCK_BENCH_QUICK=1  5 rounds: the fewest that still give a stable median, so that the whole GPU
+                     bench fits in a short GPU session
+  TCK_BENCH_SMOKE=1  the same suites on the CPU at tiny shapes: Triton through its interpreter
+                     (TRITON_INTERPRET=1), the cuda backend skipped, a host timer instead of CUDA
+                     events. It runs every code path of the suites; its numbers mean nothing.
+
+Every figure is a ratio against a baseline timed in the same rounds: each round times every
+implementation once, in turn, and the ratio is taken within the round, then the median over
+rounds, so that clock changes and other load hit both sides alike.
+"""
 from __future__ import annotations
 
+import math
+import os
 import statistics
-from typing import Callable
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+SMOKE = os.environ.get("TCK_BENCH_SMOKE") == "1"
+QUICK = os.environ.get("TCK_BENCH_QUICK") == "1"
+MODE = "smoke" if SMOKE else ("quick" if QUICK else "full")
+DEVICE = "cpu" if SMOKE else "cuda"
+ROUNDS = 2 if SMOKE else (5 if QUICK else 20)
+# The first calls compile and autotune Triton kernels and warm the clocks; two calls cover both
+# (a kernel that recomputes some rows compiles that path on the first call already).
+WARMUP = 1 if SMOKE else 2
+# Calls per timed block: enough for a block to last about this long, so that the timer's
+# resolution and one launch gap do not count (short kernels run in ~20 us).
+BLOCK_SECONDS = 2e-3
 
-def cuda_time(fn: Callable[[], object], rounds: int = 20, warmup: int = 3, inner: int = 1) -> float:
-    """Median seconds of one call of ``fn``, timed with CUDA events around ``inner`` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / inner)
-    return statistics.median(times)
+SKIP_REASON = None if SMOKE or torch.cuda.is_available() else \
+    "needs a CUDA GPU (or TCK_BENCH_SMOKE=1 to run the suites on the CPU at tiny shapes)"
 
 
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    t = cuda_time(lambda: dst.copy_(src), rounds=10)
-    return 2 * nbytes / t
-
-
-def bench_pedantic(benchmark, fn, rounds=10, inner=5):
-    """pytest-benchmark around ``inner`` calls plus a device sync; returns seconds per call
-    measured with CUDA events (more precise than the host timer for short kernels)."""
-
-    def run():
-        for _ in range(inner):
-            fn()
+def sync() -> None:
+    if DEVICE == "cuda":
         torch.cuda.synchronize()
 
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=2, iterations=1)
-    return cuda_time(fn, rounds=rounds, inner=inner)
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def _block_seconds(fn: Callable[[], object], inner: int) -> float:
+    """Seconds per call over one block of ``inner`` calls: CUDA events on the GPU (they time the
+    device's timeline, not the host's launches), the host clock in smoke mode."""
+    if DEVICE != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) / inner
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / inner
+
+
+def _inner_for(fn: Callable[[], object]) -> int:
+    if SMOKE:
+        return 1
+    t = _block_seconds(fn, 1)
+    return max(1, min(200, math.ceil(BLOCK_SECONDS / max(t, 1e-7))))
+
+
+def cuda_time(fn: Callable[[], object], rounds: int = ROUNDS, warmup: int = WARMUP, inner: int = 0) -> float:
+    """Median seconds of one call of ``fn`` (``inner`` calls per timed block; 0: picked so a
+    block lasts about BLOCK_SECONDS)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    inner = inner or _inner_for(fn)
+    return statistics.median(_block_seconds(fn, inner) for _ in range(rounds))
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], benchmark=None, rounds: int = ROUNDS,
+                warmup: int = WARMUP) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
+    """Seconds per call of each function, ``rounds`` times, every function once per round in turn.
+
+    Returns (times, errors): a function that raises while warming up is left out and its error
+    kept, so that one broken implementation does not hide the others' figures.
+    With pytest-benchmark's ``benchmark`` fixture, pytest-benchmark drives the rounds (its table
+    then shows the time of one whole round); the figures come from this timer either way.
+    """
+    errors: Dict[str, str] = {}
+    live: Dict[str, Callable[[], object]] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            sync()
+        except Exception as exc:  # recorded with the figures; the other implementations go on
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            free_memory()
+            continue
+        live[name] = fn
+    inner = {name: _inner_for(fn) for name, fn in live.items()}
+    times: Dict[str, List[float]] = {name: [] for name in live}
+
+    def one_round():
+        for name, fn in live.items():
+            times[name].append(_block_seconds(fn, inner[name]))
+
+    if benchmark is not None and live:
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    # pytest-benchmark runs a disabled benchmark once (--benchmark-disable, xdist): top up
+    while live and len(next(iter(times.values()))) < rounds:
+        one_round()
+    return times, errors
+
+
+def median_ratio(num: List[float], den: List[float]) -> float:
+    """Median over rounds of the within-round ratio num / den."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def medians(times: Dict[str, List[float]], *names: str) -> Dict[str, float]:
+    """Median seconds of each of ``names`` that was timed."""
+    return {n: statistics.median(times[n]) for n in names if n in times}
+
+
+def free_memory() -> None:
+    """Hand cached blocks back to the device, so that the next case's large tensors fit."""
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --- the device's ceilings and inputs --------------------------------------------------------------
+
+# Device-to-device copy: large enough to stream from memory (L2 is 50-60 MB on an H100/H200).
+COPY_BYTES = (1 << 20) if SMOKE else (2 << 30)
+
+
+def copy_pair(nbytes: int = COPY_BYTES) -> Tuple[Callable[[], object], int]:
+    """(fn, bytes): a device-to-device copy of nbytes / 2 bytes and the bytes it moves, counting
+    bytes read plus bytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.bfloat16, device=DEVICE).normal_(generator=generator(99))
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
+
+
+def copy_bandwidth(nbytes: int = COPY_BYTES) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    fn, moved = copy_pair(nbytes)
+    return moved / cuda_time(fn)
+
+
+def generator(seed: int) -> torch.Generator:
+    """A generator on the benchmark's device: filling large tensors from the CPU's generator costs
+    seconds per 10^9 elements, the GPU's a millisecond."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def randn(*shape: int, seed: int, scale: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    t = torch.randn(*shape, device=DEVICE, dtype=dtype, generator=generator(seed))
+    return t.mul_(scale) if scale != 1.0 else t
+
+
+def distinct_indices(M: int, N: int, k: int, seed: int) -> torch.Tensor:
+    """[M, k] int64 features, distinct within each row, as top-k produces."""
+    return torch.rand(M, N, device=DEVICE, generator=generator(seed)).topk(k, dim=1).indices
+
+
+def peak_memory(fn: Callable[[], object]) -> Optional[int]:
+    """Bytes allocated at peak during one call of ``fn`` above what was allocated before it, after
+    a warm-up call (a first Triton call autotunes, benchmarking with a 256 MiB buffer of its
+    own). None on the CPU, which has no allocator statistics."""
+    if DEVICE != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak
+
+
+def backend_skip_reason(name: str) -> Optional[str]:
+    """Why tckernels backend ``name`` is not measured here (None when it is)."""
+    if SMOKE and name == "cuda":
+        return "smoke mode runs on the CPU: the cuda backend needs a GPU"
+    from tckernels import _backend
+
+    return _backend.unavailable_reason(name, DEVICE)
+
+
+def device_label() -> str:
+    if SMOKE:
+        return "smoke"
+    return torch.cuda.get_device_name().replace(" ", "_")
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+
+class Figures:
+    """The figures of one suite, written as JSON after every record (a run cut short still leaves
+    what it measured). A figure that misses its target is recorded as a miss, not raised."""
+
+    def __init__(self, name: str):
+        from bench.conftest import write_result  # the one place that knows the results folder
+
+        self._write_result = write_result
+        self.file = f"{name}_{device_label()}.json"
+        self.rows: List[dict] = []
+        self.diagnostics: Dict[str, dict] = {}
+        self.errors: List[str] = []
+        self.path: Optional[Path] = None
+
+    def add(self, op: str, figure: str, backend: Optional[str], shape: dict, baseline: str,
+            measured: Optional[float], target: Optional[float], better: str = "higher",
+            note: Optional[str] = None, **details) -> dict:
+        """``better``: "higher" (a speed-up, a bandwidth fraction: measured >= target passes) or
+        "lower" (a time or memory fraction: measured <= target passes). ``measured`` None: skipped,
+        ``note`` says why."""
+        if measured is None:
+            status = "skipped"
+        elif target is None:
+            status = "info"
+        elif better == "higher":
+            status = "pass" if measured >= target else "miss"
+        else:
+            status = "pass" if measured <= target else "miss"
+        row = {
+            "op": op, "figure": figure, "backend": backend, "shape": shape, "baseline": baseline,
+            "measured": measured,
+            "target": None if target is None else f"{'>=' if better == 'higher' else '<='} {target}",
+            "status": status, **({"note": note} if note else {}), **details,
+        }
+        self.rows.append(row)
+        self.write()
+        return row
+
+    def diagnose(self, key: str, info: dict) -> None:
+        self.diagnostics[key] = info
+        self.write()
+
+    def error(self, what: str) -> None:
+        self.errors.append(what)
+        self.write()
+
+    def write(self) -> Path:
+        self.path = self._write_result(self.file, {
+            "mode": MODE, "rounds": ROUNDS, "dtype": "bfloat16", "figures": self.rows,
+            "diagnostics": self.diagnostics, "errors": self.errors,
+        })
+        return self.path
+
+    def report(self) -> None:
+        print()
+        for r in self.rows:
+            who = f"{r['op']}[{r['backend']}]" if r["backend"] else r["op"]
+            shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+            value = "-" if r["measured"] is None else f"{r['measured']:.3f}"
+            print(f"{r['status'].upper():7} {who:<30} {shape:<34} {r['figure']:<42} {value:>8}"
+                  f"  (target {r['target']}){'  ' + r['note'] if r.get('note') else ''}")
+        for e in self.errors:
+            print(f"ERROR   {e}")
+        print(f"written to {self.path}")
