@@ -2,7 +2,8 @@
 # The GPU kit: on a lent GPU machine, one command builds tckernels' CUDA kernels, checks every GPU
 # kernel and measures every GPU figure, inside a global deadline, writing logs and results to OUTDIR.
 #
-#   bash scripts/gpu_kit.sh OUTDIR                   # on the GPU machine ($OUT there)
+#   bash scripts/gpu_kit.sh OUTDIR                   # on the GPU machine ($OUT there; TCK_GIT_COMMIT=<sha>
+#                                                    # names the commit when the copy there has no .git)
 #   bash scripts/gpu_kit.sh --from cuda_tests OUTDIR # pick up where a deadline stopped a first call
 #   bash scripts/gpu_kit.sh --deadline 480 OUTDIR    # seconds for the whole run (default 540)
 #   bash scripts/gpu_kit.sh --dry-run OUTDIR         # the whole script on a CPU: Triton through its
@@ -65,6 +66,9 @@ mkdir -p "$OUTDIR" || exit 2
 OUTDIR=$(cd "$OUTDIR" && pwd)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS=${TCK_KIT_WHEELS:-build/wheels}
+# The commit measured: a copy of the tree without .git (as a GPU machine may get) names it here.
+TCK_GIT_COMMIT=${TCK_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export TCK_GIT_COMMIT
 WORKERS=$(( $(nproc) > 8 ? 8 : $(nproc) ))
 START=$SECONDS
 FAILED=0
@@ -107,7 +111,7 @@ SANITIZER=$(command -v compute-sanitizer || true)
 [ -z "$SANITIZER" ] && [ -x /usr/local/cuda/bin/compute-sanitizer ] && SANITIZER=/usr/local/cuda/bin/compute-sanitizer
 
 probe() {
-  echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cores: $(nproc)  git: $(git rev-parse --short HEAD 2>/dev/null)"
+  echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cores: $(nproc)  commit: $TCK_GIT_COMMIT"
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader || echo "nvidia-smi: none"
   nvcc --version 2>/dev/null | tail -n 2 || echo "nvcc: none"
   cmake --version 2>/dev/null | head -n 1 || echo "cmake: none"
@@ -282,7 +286,7 @@ done
 
 total=$((SECONDS - START))
 "$PY" - "$OUTDIR/kit.json" "$total" "$DEADLINE" "$DRY" "${RESULTS[@]}" <<'EOF'
-import json, subprocess, sys
+import json, os, subprocess, sys
 path, total, deadline, dry, *rows = sys.argv[1:]
 steps = [dict(zip(("name", "status", "seconds", "note"), r.split("|", 3))) for r in rows]
 for s in steps:
@@ -293,7 +297,7 @@ def sh(cmd):
     except Exception:
         return ""
 machine = {"gpu": sh("nvidia-smi --query-gpu=name,driver_version --format=csv,noheader"),
-           "commit": sh("git rev-parse HEAD"), "cores": sh("nproc"),
+           "commit": os.environ.get("TCK_GIT_COMMIT"), "cores": sh("nproc"),
            "versions": sh("python3 -c \"import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)\"")}
 json.dump({"total_seconds": int(total), "deadline_seconds": int(deadline), "dry_run": dry == "1",
            "steps": steps, "machine": machine}, open(path, "w"), indent=1)
