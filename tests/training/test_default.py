@@ -34,11 +34,16 @@ def test_default_config_runs_briefly(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_meets_its_claims(tmp_path, capsys):
-    """The full default run (minutes): KL to the reference falls by >= 70% from the hybrid start and
-    the adapted model hesitates like the reference."""
+    """The full default run (minutes) gives README's figures: KL(reference || adapted) 0.0142 from the
+    hybrid's 3.644 (-99.6%), top-1 agreement 99.4%, and the adapted model hesitating like the
+    reference on every held-out prompt (the hybrid on none). The bounds leave room for another
+    torch's rounding, not for a regression."""
     out = tmp_path / "tiny"
     assert main(["--output_dir", str(out), "--progress_bar", "false"]) == 0
     s = json.load(open(out / "summary.json"))
-    assert s["final"]["kl"] <= 0.3 * s["final"]["kl_hybrid"]
+    f = s["final"]
+    assert f["kl_hybrid"] == pytest.approx(3.644, abs=2e-3)  # the start does not depend on training
+    assert f["kl"] <= 0.02 and f["kl"] <= 0.006 * f["kl_hybrid"]
+    assert f["top1"] >= 0.99 and f["top1_hybrid"] == pytest.approx(0.704, abs=2e-3)
     g = s["generations"]
-    assert g["adapted"]["hesitation_rate"] >= 0.9 and g["hybrid"]["hesitation_rate"] <= 0.1
+    assert g["adapted"]["hesitation_rate"] >= 0.97 and g["hybrid"]["hesitation_rate"] == 0.0
