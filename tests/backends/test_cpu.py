@@ -349,18 +349,18 @@ def test_out_of_range_indices_are_skipped():
 
 def test_bad_arguments_raise_value_error():
     x = torch.randn(4, 6)
-    with pytest.raises(ValueError):
-        C.topk_relu(x.t(), 2)  # not contiguous
-    with pytest.raises(ValueError):
-        C.topk_relu(x, 7)  # k > N
-    with pytest.raises(ValueError):
-        C.topk_relu(x, 2, torch.randn(6, dtype=torch.float64))  # bias dtype
-    with pytest.raises(ValueError):
-        C.gather_matmul(torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.int32), x)  # index dtype
-    with pytest.raises(ValueError):
-        C.gather_dot(torch.randn(4, 5), torch.zeros(4, 2, dtype=torch.int64), x)  # D mismatch
-    with pytest.raises(ValueError):
-        C.scatter_matmul(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), x, 6)  # values shape
+    with pytest.raises(ValueError, match="^cpu backend: pre must be contiguous$"):
+        C.topk_relu(x.t(), 2)
+    with pytest.raises(ValueError, match=r"^cpu backend: k must satisfy 0 <= k <= N=6, got 7$"):
+        C.topk_relu(x, 7)
+    with pytest.raises(ValueError, match=r"^cpu backend: bias must have dtype torch.float32, got torch.float64$"):
+        C.topk_relu(x, 2, torch.randn(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^cpu backend: indices must have dtype torch.int64, got torch.int32$"):
+        C.gather_matmul(torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.int32), x)
+    with pytest.raises(ValueError, match=r"^cpu backend: W must have 5 columns like G, got shape \(4, 6\)$"):
+        C.gather_dot(torch.randn(4, 5), torch.zeros(4, 2, dtype=torch.int64), x)
+    with pytest.raises(ValueError, match=r"^cpu backend: values must have shape \(4, 2\), got \(4, 3\)$"):
+        C.scatter_matmul(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), x, 6)
     # the native layer checks too, and its std::invalid_argument arrives as ValueError
     with pytest.raises(ValueError, match="k must satisfy"):
         _native._C.cpu_topk_relu(x.data_ptr(), 0, 0, 0, 4, 6, 7, 0, 1)

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 import tckernels
 from tckernels.backends import reference as R
-from tests.helpers import DTYPES, assert_close, backend_params, is_slow, sparse_inputs
+from tests.helpers import DTYPES, assert_close, backend_params, examples_for, is_slow, sparse_inputs
 
 BACKENDS = backend_params()
 SHAPES = [(0, 3, 5, 4), (1, 1, 1, 1), (7, 5, 97, 3), (33, 8, 101, 64), (16, 101, 101, 10), (64, 32, 509, 130)]
@@ -72,14 +72,16 @@ def test_repeated_indices_in_a_row(device, backend):
     torch.testing.assert_close(out, 3 * W[4] + 3 * W[1:2])
 
 
-@settings(max_examples=25, deadline=None)
-@given(M=st.integers(0, 20), k=st.integers(1, 12), N=st.integers(1, 80), D=st.integers(1, 70),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
-def test_random_shapes_cpu(M, k, N, D, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    values, indices = sparse_inputs(M, k, N, D, dtype, "cpu", g)
-    W = torch.randn(N, D, generator=g).to(dtype)
-    ref = R.gather_matmul(values, indices, W)
-    for backend in tckernels.available_backends("cpu"):
-        if backend != "triton":
-            assert_close(tckernels.gather_matmul(values, indices, W, backend=backend), ref, dtype, scale=2)
+@pytest.mark.parametrize("backend", tckernels.available_backends("cpu"))
+def test_random_shapes_cpu(backend):
+    @settings(max_examples=examples_for(backend, 25), deadline=None)
+    @given(M=st.integers(0, 20), k=st.integers(1, 12), N=st.integers(1, 80), D=st.integers(1, 70),
+           dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+    def check(M, k, N, D, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        values, indices = sparse_inputs(M, k, N, D, dtype, "cpu", g)
+        W = torch.randn(N, D, generator=g).to(dtype)
+        ref = R.gather_matmul(values, indices, W)
+        assert_close(tckernels.gather_matmul(values, indices, W, backend=backend), ref, dtype, scale=2)
+
+    check()

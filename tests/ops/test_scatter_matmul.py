@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 import tckernels
 from tckernels.backends import reference as R
-from tests.helpers import DTYPES, assert_close, backend_params, is_slow, sparse_inputs
+from tests.helpers import DTYPES, assert_close, backend_params, examples_for, is_slow, sparse_inputs
 
 BACKENDS = backend_params()
 
@@ -57,15 +57,17 @@ def test_gradients_match_reference(device, backend):
         torch.testing.assert_close(a, r)
 
 
-@settings(max_examples=25, deadline=None)
-@given(M=st.integers(0, 20), k=st.integers(1, 12), N=st.integers(1, 80), D=st.integers(1, 70),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1), det=st.booleans())
-def test_random_shapes_cpu(M, k, N, D, dtype, seed, det):
-    g = torch.Generator().manual_seed(seed)
-    values, indices = sparse_inputs(M, k, N, D, dtype, "cpu", g)
-    G = torch.randn(M, D, generator=g).to(dtype)
-    ref = R.scatter_matmul(values, indices, G, N)
-    for backend in tckernels.available_backends("cpu"):
-        if backend != "triton":
-            out = tckernels.scatter_matmul(values, indices, G, N, deterministic=det, backend=backend)
-            assert_close(out, ref, dtype, scale=3)
+@pytest.mark.parametrize("backend", tckernels.available_backends("cpu"))
+def test_random_shapes_cpu(backend):
+    @settings(max_examples=examples_for(backend, 25), deadline=None)
+    @given(M=st.integers(0, 20), k=st.integers(1, 12), N=st.integers(1, 80), D=st.integers(1, 70),
+           dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1), det=st.booleans())
+    def check(M, k, N, D, dtype, seed, det):
+        g = torch.Generator().manual_seed(seed)
+        values, indices = sparse_inputs(M, k, N, D, dtype, "cpu", g)
+        G = torch.randn(M, D, generator=g).to(dtype)
+        ref = R.scatter_matmul(values, indices, G, N)
+        out = tckernels.scatter_matmul(values, indices, G, N, deterministic=det, backend=backend)
+        assert_close(out, ref, dtype, scale=3)
+
+    check()

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 import tckernels
 from tckernels.backends import reference as R
-from tests.helpers import DTYPES, backend_params, is_slow
+from tests.helpers import DTYPES, backend_params, examples_for, is_slow
 
 BACKENDS = backend_params()
 
@@ -73,19 +73,15 @@ def test_gradients(device, backend):
         torch.testing.assert_close(a, r)
 
 
-@settings(max_examples=30, deadline=None)
-@given(
-    M=st.integers(0, 12),
-    N=st.integers(1, 300),
-    data=st.data(),
-    dtype=st.sampled_from(DTYPES),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_random_shapes_cpu(M, N, data, dtype, seed):
-    k = data.draw(st.integers(1, N))
-    g = torch.Generator().manual_seed(seed)
-    pre = torch.randn(M, N, generator=g).to(dtype)
-    for backend in tckernels.available_backends("cpu"):
-        if backend == "triton":
-            continue  # the interpreter is too slow for this many examples; test_triton covers it
+@pytest.mark.parametrize("backend", tckernels.available_backends("cpu"))
+def test_random_shapes_cpu(backend):
+    @settings(max_examples=examples_for(backend, 30), deadline=None)
+    @given(M=st.integers(0, 12), N=st.integers(1, 300), data=st.data(), dtype=st.sampled_from(DTYPES),
+           seed=st.integers(0, 2**31 - 1))
+    def run(M, N, data, dtype, seed):
+        k = data.draw(st.integers(1, N))
+        g = torch.Generator().manual_seed(seed)
+        pre = torch.randn(M, N, generator=g).to(dtype)
         check(pre, k, None, backend)
+
+    run()
