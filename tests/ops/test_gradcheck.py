@@ -63,7 +63,7 @@ def _small_ints(shape, seed, lo=-2, hi=3):
     return torch.randint(lo, hi, shape, generator=g).double()
 
 
-def _cases(N=11, D=6, M=5, k=3):
+def _cases(device="cpu", N=11, D=6, M=5, k=3):
     g = torch.Generator().manual_seed(20)
     idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(M)])
     values, W = torch.randn(M, k, generator=g, dtype=torch.float64), torch.randn(N, D, generator=g, dtype=torch.float64)
@@ -71,6 +71,8 @@ def _cases(N=11, D=6, M=5, k=3):
     pre = torch.randperm(M * N, generator=g).double().reshape(M, N) / (M * N) * 4 - 2  # distinct, well apart
     b_enc = torch.zeros(N, dtype=torch.float64)
     xi, Wi, bi = _small_ints((M, D), 21), _small_ints((N, D), 22), _small_ints((N,), 23)
+    idx, values, W, G, bias, pre, b_enc, xi, Wi, bi = (t.to(device) for t in (idx, values, W, G, bias, pre, b_enc,
+                                                                                xi, Wi, bi))
     return {
         "gather_matmul": (lambda be, v, w, b: tckernels.gather_matmul(v, idx, w, b, backend=be), (values, W, bias)),
         "gather_dot": (lambda be, a, w: tckernels.gather_dot(a, idx, w, backend=be), (G, W)),
@@ -88,15 +90,16 @@ def _grads(fn, backend, inputs, dtype, cotangent_seed=30):
     xs = [t.detach().to(dtype).clone().requires_grad_() for t in inputs]
     out = fn(backend, *xs)
     cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(cotangent_seed), dtype=torch.float64)
+    cot = cot.to(out.device)
     torch.autograd.backward(out, cot.to(out.dtype))
     return [x.grad.double() for x in xs]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", [b for b in tckernels.available_backends("cpu") if b != "reference"])
+@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "reference"])
 @pytest.mark.parametrize("op", list(_cases()))
-def test_backward_in_each_dtype_is_as_accurate_as_the_reference(op, backend, dtype):
-    fn, inputs = _cases()[op]
+def test_backward_in_each_dtype_is_as_accurate_as_the_reference(op, device, backend, dtype):
+    fn, inputs = _cases(device)[op]
     exact = _grads(fn, "reference", inputs, torch.float64)
     ref = _grads(fn, "reference", inputs, dtype)
     got = _grads(fn, backend, inputs, dtype)
