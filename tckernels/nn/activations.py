@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-import tckernels
+from tckernels import ops
 from tckernels import _backend
 from tckernels.ops import _common
 
@@ -105,7 +105,7 @@ def decode(
     if mode == "auto":
         mode = "dense" if prefer_dense_decode(values.shape[-1], n, W_dec.device) else "sparse"
     if mode == "sparse":
-        return tckernels.sparse_decode(values, indices, W_dec, b_dec)
+        return ops.sparse_decode(values, indices, W_dec, b_dec)
     if mode != "dense":
         raise ValueError(f"decode mode must be 'auto', 'sparse' or 'dense', got {mode!r}")
     f = to_dense(acts, n)
@@ -163,7 +163,7 @@ def gathered_pre(
 
 def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Optional[Tensor], k: int) -> SparseActivations:
     """TopK(k) with ReLU: per token the k largest of ``relu(x @ W_encᵀ + b_enc)``."""
-    values, indices = tckernels.encode_topk(x, W_enc, b_enc, k)
+    values, indices = ops.encode_topk(x, W_enc, b_enc, k)
     return SparseActivations(values, indices)
 
 
@@ -267,7 +267,7 @@ def relu_encode(
     ``width``: the padded width k_max, or an :class:`AutoWidth`. Returns the activations and the
     true active count per token (which may exceed a fixed width).
     """
-    fn = lambda w: tckernels.encode_relu(x, W_enc, b_enc, w, threshold)  # noqa: E731
+    fn = lambda w: ops.encode_relu(x, W_enc, b_enc, w, threshold)  # noqa: E731
     if isinstance(width, AutoWidth):
         values, indices, counts = width.run(fn)
     else:

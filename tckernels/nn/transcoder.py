@@ -44,7 +44,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-import tckernels
+from tckernels import ops
 from tckernels.nn import metrics as _metrics
 from tckernels.nn.activations import (
     AutoWidth,
@@ -446,11 +446,11 @@ class Transcoder(nn.Module):
             gidx = dead_idx[loc]
             values = gathered_pre(pre_dead.gather(1, loc) * kept, gidx, x_in, self.W_enc, self.b_enc, kept)
         elif 2 * n_dead <= self.n_features:
-            values, loc = tckernels.encode_topk(x_in, self.W_enc[dead_idx], self.b_enc[dead_idx], k_aux)
+            values, loc = ops.encode_topk(x_in, self.W_enc[dead_idx], self.b_enc[dead_idx], k_aux)
             gidx = dead_idx[loc]
         else:
             bias = self.b_enc.masked_fill(~dead, float("-inf"))
-            values, gidx = tckernels.encode_topk(x_in, self.W_enc, bias, k_aux)
+            values, gidx = ops.encode_topk(x_in, self.W_enc, bias, k_aux)
         e_hat = _decode(SparseActivations(values, gidx), self.W_dec, None, mode=self.decode_mode)
         num = (e.to(dt) - e_hat.to(dt)).pow(2).sum()
         den = e.to(dt).pow(2).sum()

@@ -110,13 +110,13 @@ def test_clt_one_gather_per_source_layer(monkeypatch):
     clt = CrossLayerTranscoder(L, d, N, activation="topk", k=2)
     _randomize(clt, 3)
     calls = []
-    real = tckernels.sparse_decode
+    real = tckernels.ops.sparse_decode
 
     def spy(values, indices, W_dec, b_dec=None, **kw):
         calls.append(tuple(W_dec.shape))
         return real(values, indices, W_dec, b_dec, **kw)
 
-    monkeypatch.setattr(tckernels, "sparse_decode", spy)
+    monkeypatch.setattr(tckernels.ops, "sparse_decode", spy)
     clt(torch.randn(L, 5, d))
     # one gather per source layer, each over the concatenated target blocks
     assert calls == [(N, (L - s) * d) for s in range(L)]
