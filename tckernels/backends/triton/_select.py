@@ -85,17 +85,20 @@ def collect_tile(keys, cols, L, BM: tl.constexpr, CP: tl.constexpr):
     lo = tl.min(L, axis=1)
     m = tl.max(keys, axis=1)
     go = tl.max(((m >= entry_value_key(lo)) & (m != I32_MIN)).to(tl.int32), axis=0) > 0
-    j = tl.full([], 0, tl.int32)
-    while go:
-        ci = tl.min(tl.where(keys == m[:, None], cols[None, :], I32_MAX), axis=1)
-        e = tl.where(m != I32_MIN, pack(m, ci), I64_MIN)
-        keys = tl.where(cols[None, :] == ci[:, None], I32_MIN, keys)
-        pos = tl.min(tl.where(L == lo[:, None], slots[None, :], CP), axis=1)
-        L = tl.where((slots[None, :] == pos[:, None]) & (e > lo)[:, None], e[:, None], L)
-        lo = tl.min(L, axis=1)
-        m = tl.max(keys, axis=1)
-        j += 1
-        go = (j < CP) & (tl.max(((m >= entry_value_key(lo)) & (m != I32_MIN)).to(tl.int32), axis=0) > 0)
+    # (the while loop sits under an if so that the caller's tile loop holds no loop directly and
+    # can be software-pipelined; most tiles skip it anyway once the lists have filled)
+    if go:
+        j = tl.full([], 0, tl.int32)
+        while go:
+            ci = tl.min(tl.where(keys == m[:, None], cols[None, :], I32_MAX), axis=1)
+            e = tl.where(m != I32_MIN, pack(m, ci), I64_MIN)
+            keys = tl.where(cols[None, :] == ci[:, None], I32_MIN, keys)
+            pos = tl.min(tl.where(L == lo[:, None], slots[None, :], CP), axis=1)
+            L = tl.where((slots[None, :] == pos[:, None]) & (e > lo)[:, None], e[:, None], L)
+            lo = tl.min(L, axis=1)
+            m = tl.max(keys, axis=1)
+            j += 1
+            go = (j < CP) & (tl.max(((m >= entry_value_key(lo)) & (m != I32_MIN)).to(tl.int32), axis=0) > 0)
     return L
 
 
@@ -173,26 +176,31 @@ def stage1_kernel(
     slots = tl.arange(0, CP)
     L = tl.where(slots[None, :] < k, tl.full([BM, CP], I64_MIN, tl.int64), I64_MAX)
     g0 = pid_g * SPAN
-    for t in range(0, SPAN // BN):
+    # The group's tiles, the last one masked where it passes N. No branch around a tile's
+    # loads, and the per-tile loop nested in an if (collect_tile): Triton's software pipeliner
+    # skips loads under a branch and loops that hold a loop. A loop without tl.dot (FROM_PRE) is
+    # pipelined only when its range asks for stages; two keep the next tile's copy in flight
+    # while this one is folded. With the GEMM, the K loop inside gemm_tile is the one pipelined.
+    n_tiles = tl.cdiv(tl.minimum(SPAN, N - g0), BN)
+    for t in tl.range(0, n_tiles, num_stages=2):
         n0 = g0 + t * BN
-        if n0 < N:
-            cols = n0 + tl.arange(0, BN)
-            col_ok = cols < N
-            if FROM_PRE:
-                s = tl.load(pre_ptr + rows64[:, None] * N + cols[None, :], mask=col_ok[None, :], other=0.0)
-                s = s.to(tl.float32)
-            else:
-                s = gemm_tile(x_ptr, w_ptr, rows64, cols, pid_m * BM, n0, N, D, BM, BN, BK, EVEN_K, DOT_PREC,
-                              USE_TMA)
-            if HAS_BIAS:
-                s = s + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            ok = row_ok[:, None] & col_ok[None, :]  # rows past M contribute no entries
-            if THR == 1:
-                ok = ok & (s > thr_scalar)
-            if THR == 2:
-                ok = ok & (s > tl.load(thr_ptr + cols, mask=col_ok, other=0.0)[None, :])
-            keys = tl.where(ok, value_key(s), I32_MIN)
-            L = collect_tile(keys, cols, L, BM, CP)
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < N
+        if FROM_PRE:
+            s = tl.load(pre_ptr + rows64[:, None] * N + cols[None, :], mask=col_ok[None, :], other=0.0)
+            s = s.to(tl.float32)
+        else:
+            s = gemm_tile(x_ptr, w_ptr, rows64, cols, pid_m * BM, n0, N, D, BM, BN, BK, EVEN_K, DOT_PREC,
+                          USE_TMA)
+        if HAS_BIAS:
+            s = s + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        ok = row_ok[:, None] & col_ok[None, :]  # rows past M contribute no entries
+        if THR == 1:
+            ok = ok & (s > thr_scalar)
+        if THR == 2:
+            ok = ok & (s > tl.load(thr_ptr + cols, mask=col_ok, other=0.0)[None, :])
+        keys = tl.where(ok, value_key(s), I32_MIN)
+        L = collect_tile(keys, cols, L, BM, CP)
     out = cand_ptr + rows64[:, None] * (num_g * CP) + (pid_g * CP + slots)[None, :]
     tl.store(out, tl.where(L == I64_MAX, I64_MIN, L), mask=row_ok[:, None])
 
