@@ -233,6 +233,29 @@ def test_encode_topk_plan_shapes_gpu():
         assert_topk_near(x, W, b, k, T.encode_topk(x, W, b, k), tol=1e-4)
 
 
+def test_encode_topk_empty_inner_dimension(monkeypatch):
+    """D == 0 is a valid encoder (scores are the bias) that tensor descriptors cannot describe
+    (they assert on an empty dimension): the pointer path runs instead."""
+    monkeypatch.setattr(_select, "TMA", "1")
+    M, N, k = 6, 40, 4
+    # (views of wider tensors: their rows are 16-byte aligned, as a descriptor wants, and they
+    # count as contiguous, having no elements)
+    x = torch.zeros(M, 8, dtype=torch.bfloat16, device=DEV)[:, :0]
+    W = torch.zeros(N, 8, dtype=torch.bfloat16, device=DEV)[:, :0]
+    assert x.is_contiguous() and x.stride(0) == 8
+    b = ints((N,), -3, 3, 76, torch.bfloat16)
+    assert not _select._use_tma(x, W)
+    assert _select._use_tma(ints((M, 8), -1, 1, 77, torch.bfloat16), ints((N, 8), -1, 1, 78, torch.bfloat16))
+    # nor an empty W, or one whose rows are not contiguous
+    assert not _select._use_tma(ints((M, 8), -1, 1, 77, torch.bfloat16), W.new_zeros(0, 8))
+    assert not _select._use_tma(ints((M, 8), -1, 1, 77, torch.bfloat16), ints((8, 2 * N), -1, 1, 79).t())
+    assert_topk_equal(T.encode_topk(x, W, b, k), R.encode_topk(x, W, b, k))
+    assert_topk_equal(T.encode_topk(x, W, b, k, span=_SPAN_INTERP, cp=2), R.encode_topk(x, W, b, k))
+
+
+_SPAN_INTERP = 256 if GPU else 32
+
+
 # encode_relu ------------------------------------------------------------------------------------
 
 

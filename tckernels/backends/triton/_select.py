@@ -363,8 +363,11 @@ TMA = os.environ.get("TCK_TRITON_TMA", "auto")
 def _use_tma(x: torch.Tensor, W: torch.Tensor) -> bool:
     if TMA == "0":
         return False
-    aligned = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, W))
-    if not aligned:
+    # what a tensor descriptor requires (it asserts otherwise): no empty dimension (D == 0 is a
+    # valid encoder: scores are the bias), rows 16-byte aligned, contiguous along D
+    usable = all(t.dim() == 2 and min(t.shape) > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+                 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (x, W))
+    if not usable:
         return False
     if TMA == "1":
         return True
