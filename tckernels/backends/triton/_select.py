@@ -255,27 +255,43 @@ def _tma_block_shapes(nargs):
         nargs["w_ptr"].block_shape = [nargs["BN"], nargs["BK"]]
 
 
-def _gemm_config(bm, bn, bk, warps, stages, maxnreg=None):
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages,
-                         maxnreg=maxnreg, pre_hook=_tma_block_shapes)
+# The longest candidate lists (CP) each stage-1 configuration holds without spilling registers,
+# by how the scores are made: "tma" / "ptr": 16-bit inputs, tensor-core dot, tiles loaded through
+# tensor descriptors / pointers (more address registers); "tf32": fp32 inputs, TF32 dot; "fma":
+# fp32 without TF32, a CUDA-core dot whose operands sit in registers; "pre": scores read from
+# memory. A kind left out means never. The lists ([BM, CP] int64) come on top of the [BM, BN]
+# tile, so their cost per thread grows with CP * BM / warps. Measured with ptxas for sm_90 under
+# Triton 3.6 and 3.9 (scripts/triton_compile_report.py); tests/backends/test_triton_compile.py
+# holds the configurations to them. An explicit maxnreg of 255 is not a no-op: without a cap,
+# ptxas settles some of these kernels below what they need (168 registers at 128 threads) and
+# spills a few bytes.
+_MAX_CP = {}
 
 
-# Register use (ptxas, sm_90, bf16, pointer loads / TMA loads) noted per configuration: the
-# epilogue of one CTA overlaps the GEMM main loop of another only when 2-3 CTAs fit on an SM,
-# hence the maxnreg variants.
+def _stage1_config(bm, bn, bk, warps, stages, maxnreg=None, **max_cp):
+    c = triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages,
+                      maxnreg=maxnreg, pre_hook=_tma_block_shapes)
+    _MAX_CP[c] = max_cp
+    return c
+
+
 _GEMM_CONFIGS = [
-    _gemm_config(128, 128, 64, 8, 3),  # 179 / 174 registers: 1 CTA/SM
-    _gemm_config(128, 128, 64, 8, 3, maxnreg=128),  # ~100 B spilled / none: 2 CTAs/SM
-    _gemm_config(64, 128, 64, 4, 3, maxnreg=168),  # 160 / 151 registers, 72 KiB smem: 3 CTAs/SM
-    _gemm_config(128, 256, 64, 8, 3),  # the widest tile: 255 registers, no spill
-    _gemm_config(64, 64, 32, 4, 3),  # fp32 without TF32 (a CUDA-core dot), small problems
+    _stage1_config(128, 128, 64, 8, 3, tma=64, ptr=64, tf32=16),  # 1 CTA/SM
+    # 2 CTAs/SM (the selection of one overlaps the GEMM main loop of the other): 128 registers
+    # hold the shortest lists, with TMA loads only
+    _stage1_config(128, 128, 64, 8, 3, maxnreg=128, tma=8),
+    _stage1_config(64, 128, 64, 4, 3, maxnreg=168, tma=16, ptr=8),  # 3 CTAs/SM, 72 KiB smem
+    # the widest tile, at the 255-register limit (and over the shared memory for fp32)
+    _stage1_config(128, 256, 64, 8, 3, maxnreg=255, tma=8, ptr=8),
+    _stage1_config(64, 128, 64, 8, 3, tma=128, ptr=128, tf32=128),  # long lists: 8 warps, 64 rows
+    _stage1_config(64, 64, 32, 4, 3, tma=64, ptr=64, tf32=64),  # small problems
+    _stage1_config(32, 64, 32, 4, 3, maxnreg=255, fma=128),  # fp32 without TF32
 ]
-# Reading pre: every thread holding a row holds that row's whole list, so keep rows per thread low
-# (these compile to ~160 registers without spills).
+# Reading pre: a tile of scores needs fewer registers than a GEMM's accumulator and operands.
 _PRE_CONFIGS = [
-    triton.Config({"BM": 32, "BN": 256, "BK": 16, "GROUP_M": 8}, num_warps=8, num_stages=2),
-    triton.Config({"BM": 64, "BN": 128, "BK": 16, "GROUP_M": 8}, num_warps=8, num_stages=2),
-    triton.Config({"BM": 32, "BN": 128, "BK": 16, "GROUP_M": 8}, num_warps=4, num_stages=2),
+    _stage1_config(32, 256, 16, 8, 2, pre=128),
+    _stage1_config(64, 128, 16, 8, 2, pre=128),
+    _stage1_config(32, 128, 16, 4, 2, maxnreg=255, pre=128),
 ]
 # Spans are multiples of the widest tile any configuration uses.
 MIN_SPAN = 32 if INTERPRET else 256
@@ -286,19 +302,23 @@ def _even_k(args):
     return args["D"] % args["BK"] == 0
 
 
+def score_kind(from_pre: bool, elsize: int, dot_prec: str, use_tma: bool) -> str:
+    """How stage 1 makes its scores, as _MAX_CP names it."""
+    if from_pre:
+        return "pre"
+    if elsize == 2:
+        return "tma" if use_tma else "ptr"
+    return "tf32" if dot_prec == "tf32" else "fma"
+
+
 def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}  # SPAN and CP come as keyword arguments
+    args = {**named_args, **kwargs}  # SPAN, CP and the other constexprs come as keyword arguments
     span, cp, M = args["SPAN"], args["CP"], args["M"]
-    ok = [c for c in configs if span % c.kwargs["BN"] == 0]
-    if cp >= 64:  # long lists (exact mode): keep the per-thread share of the lists small
-        ok = [c for c in ok if c.kwargs["BM"] * c.kwargs["BN"] <= 64 * 128] or ok
+    x = getattr(args["x_ptr"], "base", args["x_ptr"])  # (a tensor descriptor's tensor)
+    kind = score_kind(args["FROM_PRE"], x.element_size(), args["DOT_PREC"], args["USE_TMA"])
+    ok = [c for c in configs if span % c.kwargs["BN"] == 0 and cp <= _MAX_CP[c].get(kind, 0)]
     if M <= 64:
         ok = [c for c in ok if c.kwargs["BM"] <= 64] or ok
-    x = args["x_ptr"]
-    x = getattr(x, "base", x)  # a tensor descriptor's tensor
-    if not args["FROM_PRE"] and args["DOT_PREC"] == "ieee" and x.element_size() == 4:
-        # fp32 without TF32 is a CUDA-core dot: large tiles only spill
-        ok = [c for c in ok if c.kwargs["BM"] * c.kwargs["BN"] <= 64 * 64] or ok
     return ok or configs[:1]
 
 

@@ -116,15 +116,33 @@ def relu_kernel(
             go = tl.max(tl.max(sa, axis=1), axis=0) > float("-inf")
 
 
+# No spills with ptxas for sm_90 (Triton 3.6 and 3.9): the kernel holds the [BM, BN] scores
+# and, while it writes them out, as much again; a 128x256 tile spills at 8 warps, and a
+# CUDA-core dot (fp32 without TF32) holds its operands in registers too, so it gets the small
+# tile of its own (explicit maxnreg: without a cap ptxas settles it below what it needs).
 _RELU_CONFIGS = [
     triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 64, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 64, "BK": 32, "GROUP_M": 8}, num_warps=4, num_stages=3, maxnreg=255),
 ]
+_FMA_TILE = 64 * 64
+# shared memory per CTA on sm_90 (227 KiB)
+_MAX_SHARED = 232448
 
 
 def _relu_even_k(args):
     return args["D"] % args["BK"] == 0
+
+
+def _relu_prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    elsize = args["x_ptr"].element_size()
+    fma = elsize == 4 and args["DOT_PREC"] == "ieee"
+    ok = [c for c in configs if (c.kwargs["BM"] * c.kwargs["BN"] <= _FMA_TILE) == fma
+          # the operand tiles of all stages fit in shared memory (64x256 does not in fp32)
+          and c.num_stages * (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"] * elsize <= _MAX_SHARED]
+    return ok or configs[:1]
 
 
 _relu_launcher = Launcher(
@@ -132,6 +150,7 @@ _relu_launcher = Launcher(
     key=["N", "D", "k_max", "HAS_BIAS", "THR_VEC", "DOT_PREC"],
     interp_meta={"BM": 16, "BN": 32, "BK": 16, "GROUP_M": 2},
     heuristics={"EVEN_K": _relu_even_k},
+    prune=_relu_prune,
     reset_to_zero=["cnt_ptr"],
 )
 
