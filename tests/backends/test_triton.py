@@ -49,7 +49,7 @@ _REASON = _skip_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
 if _REASON is None:
     from tckernels.backends import triton as T
-    from tckernels.backends.triton import _select
+    from tckernels.backends.triton import _common, _select
 
 DEV = "cuda" if _CUDA else "cpu"
 GPU = _CUDA  # larger shapes only when compiled
@@ -254,6 +254,71 @@ def test_encode_topk_empty_inner_dimension(monkeypatch):
 
 
 _SPAN_INTERP = 256 if GPU else 32
+
+
+def _jit_class(v):
+    """How Triton's JIT specialises one argument: ints equal to 1 become constants, multiples of 16
+    get a divisibility hint; tensors by dtype (their storage is 16-byte aligned)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        return str(getattr(v, "dtype", type(v).__name__))
+    return "one" if v == 1 else ("div16" if v % 16 == 0 else "int")
+
+
+def _spy_exact_launches(monkeypatch):
+    """Record the specialisation of every stage-1 and merge launch: constexprs and launch options,
+    and the classes of the runtime arguments."""
+    seen = []
+    launcher = _select._gemm_launcher
+
+    def direct(grid, meta, args, kwargs, real=launcher._direct):
+        seen.append(("stage1", tuple(map(_jit_class, args)), tuple(sorted({**kwargs, **meta}.items()))))
+        return real(grid, meta, args, kwargs)
+
+    monkeypatch.setattr(launcher, "_direct", direct)
+    real_merge = _select.merge_kernel
+
+    class Merge:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(("merge", tuple(map(_jit_class, args)), tuple(sorted(kw.items()))))
+                return real_merge[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(_select, "merge_kernel", Merge())
+    return seen
+
+
+def test_exact_pass_specialises_per_bucket(monkeypatch):
+    """The exact recomputation of F flagged rows launches its kernels with the same
+    specialisation for every F of a power-of-two bucket (33 to 64 flagged rows: one compilation,
+    not one per count, mid-training), and computes the exact top-k of those rows."""
+    M, D, N, k = (64, 64, 4000, 32) if GPU else (64, 24, 150, 8)
+    x = ints((M, D), 0, 2, 80)
+    W = ints((N, D), -2, 1, 81)
+    b = ints((N,), -2, 2, 82)
+    seen = _spy_exact_launches(monkeypatch)
+    keys = []
+    for F in (33, 48, 64):
+        seen.clear()
+        v, i = _select.exact_topk(x[:F], W, b, k, x.dtype)
+        assert_topk_equal((v, i), R.encode_topk(x[:F], W, b, k))
+        assert [s[0] for s in seen] == ["stage1", "merge"]
+        keys.append(list(seen))
+    assert keys[0] == keys[1] == keys[2]
+
+
+def test_exact_plan_buckets(monkeypatch):
+    """The GPU plan of an exact pass (configuration, span, rows launched) depends on the number
+    of flagged rows only through its power-of-two bucket; rows are padded to a multiple of 16."""
+    monkeypatch.setattr(_select, "INTERPRET", False)
+    for kind in ("tma", "ptr", "pre", "fma"):
+        for KP in (16, 64, 128):
+            plans = {}
+            for F in range(1, 600):
+                meta, span, rows = _select.exact_plan(F, 131072, KP, kind)
+                assert rows % 16 == 0 and F <= rows < F + 16 and span % meta["BN"] == 0
+                plans.setdefault(_common.next_pow2(F), set()).add((tuple(sorted(meta.items())), span))
+            assert all(len(p) == 1 for p in plans.values()), plans
 
 
 # encode_relu ------------------------------------------------------------------------------------

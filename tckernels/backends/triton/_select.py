@@ -437,43 +437,63 @@ def stage1(src: torch.Tensor, W: Optional[torch.Tensor], bias: Optional[torch.Te
     return cand
 
 
+def merge_meta(NC: int, k: int, cp: int) -> dict:
+    """merge_kernel's constexprs (and warps) for rows of NC candidates in lists of cp."""
+    KP = max(8, next_pow2(k))
+    CHUNK = max(KP, cp, min(next_pow2(NC), 1024))
+    meta = dict(KP=KP, CHUNK=CHUNK, CP=cp)
+    if not INTERPRET:  # reductions inside one or two warps need no block-wide barriers
+        meta["num_warps"] = max(1 if CHUNK <= 256 else (2 if CHUNK <= 512 else 4), KP * KP // 2048)
+    return meta
+
+
 def merge(cand: torch.Tensor, k: int, cp: int, out_dtype: torch.dtype, relu: bool = True):
     """Stage 2: (values [M,k] out_dtype, indices [M,k] int64, flags [M] int32)."""
     M, NC = cand.shape
-    KP = max(8, next_pow2(k))
-    CHUNK = max(KP, cp, min(next_pow2(NC), 1024))
     values = torch.empty(M, k, dtype=out_dtype, device=cand.device)
     indices = torch.empty(M, k, dtype=torch.int64, device=cand.device)
     flags = torch.empty(M, dtype=torch.int32, device=cand.device)
     if M:
-        meta = dict(KP=KP, CHUNK=CHUNK, CP=cp, RELU=relu, BF16_FIX=bf16_fix(out_dtype))
-        if not INTERPRET:  # reductions inside one or two warps need no block-wide barriers
-            meta["num_warps"] = max(1 if CHUNK <= 256 else (2 if CHUNK <= 512 else 4), KP * KP // 2048)
+        meta = dict(merge_meta(NC, k, cp), RELU=relu, BF16_FIX=bf16_fix(out_dtype))
         merge_kernel[(M,)](cand, values, indices, flags, NC, k, **meta)
     return values, indices, flags
 
 
-def _exact_meta(F: int, KP: int, from_pre: bool) -> dict:
-    """Fixed configuration for exact-mode passes over F rows (no autotuning: these are rare)."""
+def exact_plan(F: int, N: int, KP: int, kind: str) -> Tuple[dict, int, int]:
+    """(meta, span, rows) for an exact-mode pass over F rows: its fixed launch configuration (no
+    autotuning: these passes are rare), its span, and the number of rows to launch it on.
+    ``kind``: how the scores are made (score_kind).
+
+    The number of flagged rows changes from step to step, and every new specialisation of the
+    kernels (SPAN and the merge's CHUNK are constexprs) is compiled when it first shows up, in
+    the middle of training. So everything here follows from F's power-of-two bucket, and the
+    rows are padded to a multiple of 16, which makes the kernels' integer arguments specialise
+    alike (never 1, always divisible by 16) for every F of a bucket: one compilation per bucket,
+    at no cost (row blocks are multiples of 16 rows, so the padding adds no block).
+    """
+    Fb = next_pow2(F)
+    rows = 16 * math.ceil(F / 16)
     if INTERPRET:
-        return dict(_INTERP_META)
-    if F <= 16 or KP >= 128:
-        bm = 16
-    elif F <= 32 or KP >= 64:
-        bm = 32
+        meta = dict(_INTERP_META)
     else:
-        bm = 64
-    if from_pre:
-        return {"BM": bm, "BN": 128, "BK": 16, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}
-    return {"BM": bm, "BN": 128, "BK": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
-
-
-def _exact_span(F: int, N: int, KP: int, bm: int, bn: int) -> int:
-    """Span for an exact-mode pass over F rows: enough groups to fill the GPU, a bounded buffer."""
-    blocks = max(1, math.ceil(F / bm))
+        if Fb <= 16 or KP >= 128 or kind == "fma":  # (a CUDA-core dot fits 16 rows only)
+            bm = 16
+        elif Fb <= 32 or KP >= 64:
+            bm = 32
+        else:
+            bm = 64
+        # none of these spills (scripts/triton_compile_report.py): 4 warps up to 32 rows (with an
+        # explicit maxnreg, see _MAX_CP), 8 warps for 64
+        meta = {"BM": bm, "BN": 128, "BK": 16 if kind == "pre" else 64, "GROUP_M": 8,
+                "num_warps": 4 if bm <= 32 else 8, "num_stages": 2 if kind == "pre" else 3}
+        if bm <= 32:
+            meta["maxnreg"] = 255
+    # enough groups to fill the GPU, a bounded candidate buffer
+    bn = meta["BN"]
+    blocks = math.ceil(Fb / meta["BM"])
     groups = max(1, min(math.ceil(N / bn), math.ceil(512 / blocks)))
-    groups = max(1, min(groups, (64 << 20) // max(1, F * KP * 8)))
-    return bn * max(1, math.ceil(N / (groups * bn)))
+    groups = max(1, min(groups, (64 << 20) // (Fb * KP * 8)))
+    return meta, bn * math.ceil(N / (groups * bn)), rows
 
 
 def exact_topk(src, W, bias, k, out_dtype, relu=True, threshold=None):
@@ -483,11 +503,13 @@ def exact_topk(src, W, bias, k, out_dtype, relu=True, threshold=None):
     F = src.shape[0]
     N = src.shape[1] if from_pre else W.shape[0]
     KP = max(8, next_pow2(k))
-    meta = _exact_meta(F, KP, from_pre)
-    span = _exact_span(F, N, KP, meta["BM"], meta["BN"])
+    use_tma = (not from_pre) and _use_tma(src, W)
+    meta, span, rows = exact_plan(F, N, KP, score_kind(from_pre, src.element_size(), dot_precision(src.dtype), use_tma))
+    if rows > F:  # (padding rows: copies of the last one, results dropped)
+        src = torch.cat([src, src[-1:].expand(rows - F, -1)])
     cand = stage1(src, W, bias, k, span, KP, meta=meta, threshold=threshold)
     values, indices, _ = merge(cand, k, KP, out_dtype, relu)
-    return values, indices
+    return values[:F], indices[:F]
 
 
 def select_topk(src, W, bias, k, out_dtype, relu=True, span=None, cp=None):
