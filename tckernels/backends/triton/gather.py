@@ -106,6 +106,11 @@ def gather_matmul(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Ten
     return out
 
 
+def gather_dot_block(K: int) -> int:
+    """gather_dot's slots per program (BJ) for rows of K slots."""
+    return min(64, max(16, next_pow2(K)))
+
+
 def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     """Spec: reference.gather_dot. out [M, k] in G.dtype."""
     check_device(G, indices, W)
@@ -116,7 +121,7 @@ def gather_dot(G: Tensor, indices: Tensor, W: Tensor) -> Tensor:
     out = torch.empty(M, K, dtype=G.dtype, device=G.device)
     if M == 0 or K == 0:
         return out
-    BJ = min(64, max(16, next_pow2(K)))
+    BJ = gather_dot_block(K)
 
     def grid(meta):
         return (M, triton.cdiv(K, BJ))
