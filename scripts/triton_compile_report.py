@@ -342,10 +342,16 @@ def ci_subset(specs: List[Spec]) -> List[Spec]:
 # compiling
 
 
-def _worker_init(cache_root: str) -> None:
+_SHARED_CACHE = False  # compiling into a kept cache (--cache): a hit is not an error
+
+
+def _worker_init(cache_root: str, shared: bool = False) -> None:
     from triton import knobs
 
-    knobs.cache.dir = tempfile.mkdtemp(dir=cache_root)  # fresh: every compile really runs
+    global _SHARED_CACHE
+    _SHARED_CACHE = shared
+    # fresh per worker, so every compile really runs; or one shared cache to fill (--cache)
+    knobs.cache.dir = cache_root if shared else tempfile.mkdtemp(dir=cache_root)
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v's log (registers, spills) on stdout
 
 
@@ -395,18 +401,25 @@ def compile_spec(spec: Spec) -> Dict:
         "uses": spec["uses"],
     }
     if "Used " not in text:
-        raise RuntimeError(f"no ptxas log for {spec['kernel']} (cache hit?)")
+        if not _SHARED_CACHE:
+            raise RuntimeError(f"no ptxas log for {spec['kernel']} (cache hit?)")
+        result["cached"] = True  # compiled by an earlier run into the same --cache
     result["spills"] = result["spill_stores"] > 0 or result["spill_loads"] > 0 or result["stack_frame"] > 0
     return result
 
 
-def compile_all(specs: List[Spec], jobs: Optional[int] = None, out=None) -> Dict:
-    """Compile specs on ``jobs`` processes; print each result as a JSON line to ``out``."""
+def compile_all(specs: List[Spec], jobs: Optional[int] = None, out=None, cache: Optional[str] = None) -> Dict:
+    """Compile specs on ``jobs`` processes; print each result as a JSON line to ``out``. ``cache``:
+    compile into that Triton cache directory (kept), instead of fresh temporary ones."""
     jobs = jobs or os.cpu_count() or 1
     results = []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cache_root:
-        with ProcessPoolExecutor(jobs, initializer=_worker_init, initargs=(cache_root,)) as pool:
+    with contextlib.ExitStack() as stack:
+        cache_root = cache or stack.enter_context(tempfile.TemporaryDirectory())
+        if cache:
+            os.makedirs(cache, exist_ok=True)
+        init = (cache_root, cache is not None)
+        with ProcessPoolExecutor(jobs, initializer=_worker_init, initargs=init) as pool:
             for r in pool.map(compile_spec, specs):
                 results.append(r)
                 if out is not None:
@@ -431,6 +444,8 @@ def main(argv=None) -> int:
                    help="ci: one specialisation per kernel configuration (the longest lists), and stage 1 "
                         "at the limits of _select._MAX_CP")
     p.add_argument("--kernel", metavar="RE", help="only kernels whose name matches")
+    p.add_argument("--cache", metavar="DIR", help="compile into this Triton cache directory and keep it (warms "
+                   "TRITON_CACHE_DIR for a GPU run; specialisations already there are reported as cached)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, of bf16, fp16, fp32 (no TF32), tf32")
     a = p.parse_args(argv)
     specs = specialisations(SHAPES, a.dtypes.split(","))
@@ -438,7 +453,9 @@ def main(argv=None) -> int:
         specs = _dedup(ci_subset(specs) + limit_specs())
     if a.kernel:
         specs = [s for s in specs if re.search(a.kernel, s["kernel"])]
-    report = compile_all(specs, a.jobs, out=sys.stdout)
+    global _SHARED_CACHE
+    _SHARED_CACHE = a.cache is not None
+    report = compile_all(specs, a.jobs, out=sys.stdout, cache=a.cache)
     report["shapes"] = [dict(zip("MNDk", s)) for s in SHAPES]
     report["subset"] = a.subset
     report["dtypes"] = a.dtypes.split(",")

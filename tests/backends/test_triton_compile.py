@@ -140,3 +140,21 @@ def test_report_summary(report):
     print(f"\n{len(kernels)} specialisations, {report['compile_seconds']:.0f} s of compilation, "
           f"{report['wall_seconds']:.0f} s wall on {report['jobs']} processes "
           f"(the test: {report['test_wall_seconds']:.0f} s)")
+
+
+def test_cache_mode_fills_a_kept_cache(tmp_path):
+    """--cache compiles into a kept Triton cache (the GPU kit warms TRITON_CACHE_DIR with it): a
+    second run finds every specialisation there."""
+    cache = tmp_path / "cache"
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"r{i}.json"
+        proc = _run("--kernel", "gather_dot", "--dtypes", "bf16", "--jobs", "2", "--cache", str(cache),
+                    "--json", str(out))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        runs.append(json.loads(out.read_text()))
+    first, second = runs
+    assert first["specialisations"] == second["specialisations"] > 0
+    assert not any(k.get("cached") for k in first["kernels"])
+    assert all(k.get("cached") for k in second["kernels"])
+    assert any(cache.iterdir())
