@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import tckernels
 
@@ -52,6 +53,11 @@ def examples_for(backend: str, n: int) -> int:
 
 def assert_close(actual, expected, dtype, scale: float = 1.0, msg: str = ""):
     torch.testing.assert_close(actual.float(), expected.float(), **tol(dtype, scale), msg=msg or None)
+
+
+# The random-shape tests of the sparse primitives: M rows of k indices into N features of width D.
+SPARSE_SHAPES = dict(M=st.integers(0, 20), k=st.integers(1, 12), N=st.integers(1, 80), D=st.integers(1, 70),
+                     dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
 
 
 def sparse_inputs(M, k, N, D, dtype, device, gen=None, index_dtype=torch.int64):

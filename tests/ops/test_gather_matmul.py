@@ -1,11 +1,10 @@
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import tckernels
 from tckernels.backends import reference as R
-from tests.helpers import DTYPES, assert_close, backend_params, examples_for, is_slow, sparse_inputs
+from tests.helpers import DTYPES, SPARSE_SHAPES, assert_close, backend_params, examples_for, is_slow, sparse_inputs
 
 BACKENDS = backend_params()
 SHAPES = [(0, 3, 5, 4), (1, 1, 1, 1), (7, 5, 97, 3), (33, 8, 101, 64), (16, 101, 101, 10), (64, 32, 509, 130)]
@@ -75,8 +74,7 @@ def test_repeated_indices_in_a_row(device, backend):
 @pytest.mark.parametrize("backend", tckernels.available_backends("cpu"))
 def test_random_shapes_cpu(backend):
     @settings(max_examples=examples_for(backend, 25), deadline=None)
-    @given(M=st.integers(0, 20), k=st.integers(1, 12), N=st.integers(1, 80), D=st.integers(1, 70),
-           dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+    @given(**SPARSE_SHAPES)
     def check(M, k, N, D, dtype, seed):
         g = torch.Generator().manual_seed(seed)
         values, indices = sparse_inputs(M, k, N, D, dtype, "cpu", g)

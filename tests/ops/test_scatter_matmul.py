@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 import tckernels
 from tckernels.backends import reference as R
-from tests.helpers import DTYPES, assert_close, backend_params, examples_for, is_slow, sparse_inputs
+from tests.helpers import DTYPES, SPARSE_SHAPES, assert_close, backend_params, examples_for, is_slow, sparse_inputs
 
 BACKENDS = backend_params()
 
@@ -60,8 +60,7 @@ def test_gradients_match_reference(device, backend):
 @pytest.mark.parametrize("backend", tckernels.available_backends("cpu"))
 def test_random_shapes_cpu(backend):
     @settings(max_examples=examples_for(backend, 25), deadline=None)
-    @given(M=st.integers(0, 20), k=st.integers(1, 12), N=st.integers(1, 80), D=st.integers(1, 70),
-           dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1), det=st.booleans())
+    @given(**SPARSE_SHAPES, det=st.booleans())
     def check(M, k, N, D, dtype, seed, det):
         g = torch.Generator().manual_seed(seed)
         values, indices = sparse_inputs(M, k, N, D, dtype, "cpu", g)
