@@ -16,8 +16,8 @@ tokens (``cumsum(attention_mask) - 1``), which is right for left and right paddi
 """
 from __future__ import annotations
 
+import functools
 import inspect
-
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,8 +54,10 @@ def stack_of(model: nn.Module) -> Stack:
     return Stack(model, inner.embed_tokens, inner.layers, inner.norm, head, inner.rotary_emb, model.config)
 
 
+@functools.lru_cache(maxsize=None)
 def _cache_argument(create_mask) -> str:
-    """The mask makers' cache argument: ``cache`` in recent transformers 5 releases, ``past_key_values`` in earlier ones."""
+    """The mask makers' cache argument: ``cache`` in recent transformers 5 releases,
+    ``past_key_values`` in earlier ones (looked up once)."""
     return "cache" if "cache" in inspect.signature(create_mask).parameters else "past_key_values"
 
 

@@ -179,12 +179,12 @@ def nmse_per_layer(states_a: list, states_r: list, mask: Tensor, reduction: str 
     dims = (0, 1) if reduction == "token" else (1,)
     n_el = m.sum(dims) * states_a[0].shape[-1]
     has = (n_el > 0).float()
+    n = n_el.clamp_min(1)
     out = []
     for a, r in zip(states_a, states_r):
         r32 = r.detach().float()
         num = ((a.float() - r32).pow(2).sum(-1) * m).sum(dims)
         den = (r32.pow(2).sum(-1) * m).sum(dims)
-        n = n_el.clamp_min(1)
         ratio = (num / n) / (den / n + eps) * has
         out.append(ratio if reduction == "token" else ratio.sum() / has.sum().clamp_min(1))
     return torch.stack(out)
