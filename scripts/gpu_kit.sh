@@ -294,19 +294,13 @@ done
 
 total=$((SECONDS - START))
 "$PY" - "$OUTDIR/kit.json" "$total" "$DEADLINE" "$DRY" "${RESULTS[@]}" <<'EOF'
-import json, os, subprocess, sys
+import json, os, sys
+from bench.conftest import environment  # what every benchmark result is stamped with
 path, total, deadline, dry, *rows = sys.argv[1:]
 steps = [dict(zip(("name", "status", "seconds", "note"), r.split("|", 3))) for r in rows]
 for s in steps:
     s["seconds"] = int(s["seconds"])
-def sh(cmd):
-    try:
-        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
-    except Exception:
-        return ""
-machine = {"gpu": sh("nvidia-smi --query-gpu=name,driver_version --format=csv,noheader"),
-           "commit": os.environ.get("TCK_GIT_COMMIT"), "cores": sh("nproc"),
-           "versions": sh("python3 -c \"import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)\"")}
+machine = {**environment(), "cores": os.cpu_count()}
 json.dump({"total_seconds": int(total), "deadline_seconds": int(deadline), "dry_run": dry == "1",
            "steps": steps, "machine": machine}, open(path, "w"), indent=1)
 EOF

@@ -5,8 +5,9 @@ tckernels' own (the transcoder-adapter code pins transformers 4.57.1; tckernels 
 such environment is a virtual environment under ``.venvs/<name>`` in the repository (ignored by
 git), made on first use from the package registry and kept for later runs. It sees the packages
 of the environment running the tests (torch, safetensors, ...; a ``.pth`` file lists their
-directories, so this works from a virtual environment too) after the ones it installs itself. Tests run scripts in it with :func:`run_script` and compare what they print with what
-tckernels computes here.
+directories, so this works from a virtual environment too) after the ones it installs itself.
+Tests run scripts in it with :func:`run_script` and compare what they print with what tckernels
+computes here.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def peer_python(name: str) -> str:
         if _works(name):
             return _python(name)
         reqs = ENVIRONMENTS[name][0]
+
         def step(cmd):
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
