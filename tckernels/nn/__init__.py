@@ -1,11 +1,12 @@
 """nn.Modules built on the tckernels ops: transcoders with every activation, cross-layer and
-bilinear transcoders, our checkpoint format and loaders for the seed formats."""
+bilinear transcoders, our checkpoint format (save_transcoder / load_transcoder) and, in
+``tckernels.nn.formats``, loaders for other published checkpoint formats."""
 from tckernels.nn import metrics
 from tckernels.nn.activations import SparseActivations
 from tckernels.nn.bilinear import BilinearMLP, BilinearTranscoder
 from tckernels.nn.crosslayer import CrossLayerOutput, CrossLayerTranscoder
 from tckernels.nn.errors import FormatError, MissingKeyError
-from tckernels.nn.io import TranscoderFormatError, load_transcoder, save_transcoder
+from tckernels.nn.formats.tckernels_transcoder import load_transcoder, save_transcoder
 from tckernels.nn.transcoder import Transcoder, TranscoderConfig, TranscoderOutput
 
 __all__ = [
@@ -21,6 +22,5 @@ __all__ = [
     "load_transcoder",
     "FormatError",
     "MissingKeyError",
-    "TranscoderFormatError",
     "metrics",
 ]

@@ -1,4 +1,4 @@
-"""Seed 004: Pythia-410m bilinear MLP transcoders.
+"""The Pythia-410m bilinear MLP transcoders.
 
 Each ``layer_{i}/transcoder_weights_l{i}_bilinear_muon_3000b.pt`` holds ``model_state_dict``
 (``W_left.weight [n_outputs, n_hidden]``, ``W_left.bias [n_outputs]`` when ``config.bias``,
@@ -16,9 +16,9 @@ optional biases; forward ``head(left(x) ⊙ right(x))``) is recognised too and g
 **Pickled config.** ``config`` is an instance of a class from the training script, so
 ``torch.load(weights_only=True)`` refuses the file, and ``torch.serialization.add_safe_globals``
 cannot allowlist the real class: it is not importable here (it lives in the training script's
-``__main__`` or a module we do not have). :func:`tckernels.nn.formats.torch_load` therefore loads
+``__main__`` or a module we do not have). :func:`tckernels.nn.formats.reading.torch_load` therefore loads
 the file with ``weights_only=True`` and binds that class name to an inert
-:class:`tckernels.nn.formats.PickledObject` placeholder that only records the fields: no code from
+:class:`tckernels.nn.formats.reading.PickledObject` placeholder that only records the fields: no code from
 the file runs, and the config's fields are still read and checked against the weights.
 ``trust_pickle=True`` is the explicit opt-in for ``weights_only=False`` (which imports and calls
 whatever the file names; only for files you trust, and only works where the class is importable).
@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from tckernels.nn.bilinear import BilinearMLP, BilinearTranscoder
-from tckernels.nn.formats import FormatError, MissingKeyError, assign_, check_shape, get_key, torch_load
+from tckernels.nn.errors import FormatError, MissingKeyError
+from tckernels.nn.formats.reading import assign_, check_shape, get_key, torch_load
 
 __all__ = ["load_bilinear_pythia", "bilinear_from_state_dict"]
 
@@ -135,12 +136,12 @@ def load_bilinear_pythia(
     dtype: Optional[torch.dtype] = None,
     device=None,
 ) -> nn.Module:
-    """Load a seed 004 bilinear transcoder checkpoint into the module that runs its forward.
+    """Load a Pythia-410m bilinear transcoder checkpoint into the module that runs its forward.
 
     Returns a :class:`BilinearTranscoder` (``W_left``/``W_right`` keys) or a
     :class:`BilinearMLP` (``left``/``right``/``head`` keys) with attributes ``layer`` (the
     checkpoint's ``layer_idx``, or None) and ``config`` (the checkpoint's config: an inert
-    :class:`~tckernels.nn.formats.PickledObject` unless ``trust_pickle=True``). A bare state dict
+    :class:`~tckernels.nn.formats.reading.PickledObject` unless ``trust_pickle=True``). A bare state dict
     (no ``model_state_dict`` wrapper) is accepted too. See the module docstring for why loading
     needs no ``weights_only=False``.
     """

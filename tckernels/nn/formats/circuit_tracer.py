@@ -69,7 +69,8 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from tckernels.nn.formats import FormatError, MissingKeyError, assign_, check_shape, read_safetensors
+from tckernels.nn.errors import FormatError, MissingKeyError
+from tckernels.nn.formats.reading import assign_, check_shape, read_safetensors
 
 __all__ = [
     "save_circuit_tracer",

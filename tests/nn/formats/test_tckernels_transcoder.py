@@ -1,11 +1,12 @@
-"""tckernels.nn.io: bit-exact save/load round trip and clear errors for broken checkpoints."""
+"""The tckernels transcoder format: bit-exact save/load round trip and clear errors for broken checkpoints."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tckernels.nn import io
+from tckernels.nn import FormatError, load_transcoder, save_transcoder
+from tckernels.nn.formats import tckernels_transcoder
 from tckernels.nn.transcoder import Transcoder
 
 
@@ -40,9 +41,9 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_round_trip_bit_exact(tmp_path, activation, dtype):
     m = _trained(activation, dtype, skip=True, pre_bias=True, l1_coefficient=0.01)
-    io.save_transcoder(m, tmp_path / "ckpt")
+    save_transcoder(m, tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    m2 = io.load_transcoder(tmp_path / "ckpt")
+    m2 = load_transcoder(tmp_path / "ckpt")
     _assert_same(m, m2)
     for (n, p), (_, p2) in zip(m.named_parameters(), m2.named_parameters()):
         assert isinstance(p2, torch.nn.Parameter) and p2.requires_grad, n
@@ -51,21 +52,21 @@ def test_round_trip_bit_exact(tmp_path, activation, dtype):
     assert torch.equal(m(x), m2(x))
 
 
-def test_load_with_dtype_and_pretrained_methods(tmp_path):
+def test_load_with_dtype_and_device(tmp_path):
     m = _trained("relu", dec_bias=False)
-    m.save_pretrained(tmp_path)
-    m2 = Transcoder.from_pretrained(tmp_path, dtype=torch.float64, device="cpu")
+    save_transcoder(m, tmp_path)
+    m2 = load_transcoder(tmp_path, dtype=torch.float64, device="cpu")
     assert m2.W_enc.dtype == torch.float64 and m2.tokens_since_fired.dtype == torch.int64
     assert torch.equal(m2.W_enc.float(), m.W_enc)
     assert m2.b_dec is None
     meta = json.loads((tmp_path / "config.json").read_text())
-    assert meta["format"] == io.FORMAT and meta["format_version"] == io.FORMAT_VERSION
+    assert meta["format"] == tckernels_transcoder.FORMAT and meta["format_version"] == tckernels_transcoder.FORMAT_VERSION
     assert meta["dtype"] == "float32" and meta["config"]["activation"] == "relu"
 
 
 def _saved(tmp_path, activation="topk"):
     m = _trained(activation)
-    io.save_transcoder(m, tmp_path)
+    save_transcoder(m, tmp_path)
     return m, tmp_path / "model.safetensors", tmp_path / "config.json"
 
 
@@ -74,8 +75,9 @@ def test_missing_key_names_file_and_key(tmp_path):
     t = load_file(str(wfile))
     del t["W_dec"]
     save_file(t, str(wfile))
-    with pytest.raises(io.TranscoderFormatError, match=r"model\.safetensors.*missing key 'W_dec'"):
-        io.load_transcoder(tmp_path)
+    with pytest.raises(FormatError, match=r"model\.safetensors.*missing key 'W_dec'") as e:
+        load_transcoder(tmp_path)
+    assert e.value.path == wfile  # the error family's attributes say where
 
 
 def test_wrong_shape_names_file_and_key(tmp_path):
@@ -84,8 +86,8 @@ def test_wrong_shape_names_file_and_key(tmp_path):
     t["b_enc"] = torch.zeros(41)
     save_file(t, str(wfile))
     match = r"model\.safetensors.*'b_enc' has shape \(41,\), expected \(40,\)"
-    with pytest.raises(io.TranscoderFormatError, match=match):
-        io.load_transcoder(tmp_path)
+    with pytest.raises(FormatError, match=match):
+        load_transcoder(tmp_path)
 
 
 def test_wrong_dtype_and_unexpected_key(tmp_path):
@@ -93,13 +95,13 @@ def test_wrong_dtype_and_unexpected_key(tmp_path):
     t = load_file(str(wfile))
     t["W_enc"] = t["W_enc"].half()
     save_file(t, str(wfile))
-    with pytest.raises(io.TranscoderFormatError, match="'W_enc' has dtype float16"):
-        io.load_transcoder(tmp_path)
+    with pytest.raises(FormatError, match="'W_enc' has dtype float16"):
+        load_transcoder(tmp_path)
     t["W_enc"] = t["W_enc"].float()
     t["extra"] = torch.zeros(1)
     save_file(t, str(wfile))
-    with pytest.raises(io.TranscoderFormatError, match="unexpected key 'extra'"):
-        io.load_transcoder(tmp_path)
+    with pytest.raises(FormatError, match="unexpected key 'extra'"):
+        load_transcoder(tmp_path)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.99, 10])
@@ -108,19 +110,19 @@ def test_truncated_weights(tmp_path, keep):
     data = wfile.read_bytes()
     n = int(len(data) * keep) if keep < 1 else keep
     wfile.write_bytes(data[:n])
-    with pytest.raises(io.TranscoderFormatError, match=r"model\.safetensors.*truncated or corrupt"):
-        io.load_transcoder(tmp_path)
+    with pytest.raises(FormatError, match=r"model\.safetensors.*truncated or corrupt"):
+        load_transcoder(tmp_path)
 
 
 def test_missing_files_and_bad_config(tmp_path):
-    with pytest.raises(io.TranscoderFormatError, match="not a directory"):
-        io.load_transcoder(tmp_path / "nope")
+    with pytest.raises(FormatError, match="not a directory"):
+        load_transcoder(tmp_path / "nope")
     _, wfile, cfile = _saved(tmp_path)
     text = cfile.read_text()
 
     cfile.write_text("{not json")
-    with pytest.raises(io.TranscoderFormatError, match=r"config\.json: not valid JSON"):
-        io.load_transcoder(tmp_path)
+    with pytest.raises(FormatError, match=r"config\.json: not valid JSON"):
+        load_transcoder(tmp_path)
 
     meta = json.loads(text)
     for mutate, match in [
@@ -135,19 +137,19 @@ def test_missing_files_and_bad_config(tmp_path):
         d = json.loads(text)
         mutate(d)
         cfile.write_text(json.dumps(d))
-        with pytest.raises(io.TranscoderFormatError, match=match):
-            io.load_transcoder(tmp_path)
+        with pytest.raises(FormatError, match=match):
+            load_transcoder(tmp_path)
 
     cfile.write_text(text)
     wfile.unlink()
-    with pytest.raises(io.TranscoderFormatError, match=r"model\.safetensors: file not found"):
-        io.load_transcoder(tmp_path)
+    with pytest.raises(FormatError, match=r"model\.safetensors: file not found"):
+        load_transcoder(tmp_path)
     cfile.unlink()
-    with pytest.raises(io.TranscoderFormatError, match=r"config\.json: file not found"):
-        io.load_transcoder(tmp_path)
+    with pytest.raises(FormatError, match=r"config\.json: file not found"):
+        load_transcoder(tmp_path)
     assert meta["config"]["n_features"] == 40
 
 
 def test_save_rejects_other_modules(tmp_path):
     with pytest.raises(TypeError, match="Transcoder"):
-        io.save_transcoder(torch.nn.Linear(2, 2), tmp_path)
+        save_transcoder(torch.nn.Linear(2, 2), tmp_path)

@@ -1,4 +1,4 @@
-"""Seed 001: the Qwen2.5-32B per-layer TopK transcoders (``KokosDev/qwen25-32b-clt``).
+"""The Qwen2.5-32B per-layer TopK transcoders (``KokosDev/qwen25-32b-clt`` on the Hugging Face Hub).
 
 Each ``transcoder_L{i}.pt`` is a plain dict (readable with ``torch.load(weights_only=True)``)::
 
@@ -34,12 +34,13 @@ from typing import Dict, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from tckernels.nn.formats import FormatError, assign_, check_shape, get_key, torch_load
+from tckernels.nn.errors import FormatError
+from tckernels.nn.formats.reading import assign_, check_shape, get_key, torch_load
 
-__all__ = ["load_seed001", "load_seed001_dir", "PreNormTranscoder", "SEED001_TOPK_FRACTION"]
+__all__ = ["load_qwen25_topk_transcoder", "load_qwen25_topk_transcoders", "PreNormTranscoder", "TOPK_FRACTION"]
 
 #: The card's sparsity: k = int(0.12 · feature_dim).
-SEED001_TOPK_FRACTION = 0.12
+TOPK_FRACTION = 0.12
 
 _PREFIX = "_orig_mod."
 
@@ -48,7 +49,7 @@ class PreNormTranscoder(nn.Module):
     """A transcoder whose encoder and skip path read ``norm(x)``: ``transcoder(norm(x))``.
 
     ``encode(x)``, ``decode(acts, x=None)`` and ``forward(x)`` mirror the wrapped transcoder's.
-    Used for seed 001's ``pre_encoder="layernorm"`` reading.
+    Used for the ``pre_encoder="layernorm"`` reading of these checkpoints.
     """
 
     def __init__(self, norm: nn.Module, transcoder: nn.Module):
@@ -71,7 +72,7 @@ def _state_key(sd, name: str, path):
     return get_key(sd, _PREFIX + name, path, alternatives=(name,))
 
 
-def load_seed001(
+def load_qwen25_topk_transcoder(
     path: Union[str, os.PathLike],
     *,
     pre_encoder: str = "bias",
@@ -80,7 +81,7 @@ def load_seed001(
     dtype: Optional[torch.dtype] = None,
     device=None,
 ) -> nn.Module:
-    """Load one seed 001 ``transcoder_L{i}.pt`` file.
+    """Load one ``transcoder_L{i}.pt`` file of the release.
 
     ``pre_encoder``: ``"bias"`` (default, the card's math: ``x + enc.0.bias``) gives a
     ``Transcoder``; ``"layernorm"`` reads ``enc.0`` as ``LayerNorm(weight, bias, eps=layernorm_eps)``
@@ -118,7 +119,7 @@ def load_seed001(
     elif pre_encoder == "layernorm":
         get_key(sd, _PREFIX + "enc.0.weight", path)  # raises MissingKeyError
     if k is None:
-        k = int(SEED001_TOPK_FRACTION * n_feat)
+        k = int(TOPK_FRACTION * n_feat)
     k = max(1, min(int(k), n_feat))
     dtype = dtype or W_enc.dtype
     tc = Transcoder(
@@ -145,13 +146,13 @@ def load_seed001(
 _FILE_RE = re.compile(r"^transcoder_L(\d+)\.pt$")
 
 
-def load_seed001_dir(
+def load_qwen25_topk_transcoders(
     path: Union[str, os.PathLike], layers: Optional[Iterable[int]] = None, **kwargs
 ) -> Dict[int, nn.Module]:
     """Load the ``transcoder_L{i}.pt`` files of a directory: ``{layer: module}``.
 
     ``layers``: which layers (default: every file found); a requested layer without a file raises
-    ``FileNotFoundError``. Keyword arguments go to :func:`load_seed001`. A file whose ``layer``
+    ``FileNotFoundError``. Keyword arguments go to :func:`load_qwen25_topk_transcoder`. A file whose ``layer``
     field disagrees with its name raises :class:`FormatError`.
     """
     path = os.fspath(path)
@@ -169,7 +170,7 @@ def load_seed001_dir(
     for i in wanted:
         if i not in found:
             raise FileNotFoundError(f"layer {i}: {os.path.join(path, f'transcoder_L{i}.pt')} not found")
-        model = load_seed001(found[i], **kwargs)
+        model = load_qwen25_topk_transcoder(found[i], **kwargs)
         if model.layer is not None and model.layer != i:
             raise FormatError(f"its 'layer' field is {model.layer} but the file name says {i}", path=found[i], key="layer")
         out[i] = model

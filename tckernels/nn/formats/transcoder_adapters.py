@@ -1,4 +1,4 @@
-"""Seed 000: transcoder-adapter weights saved inside a Hugging Face Qwen2 checkpoint.
+"""The transcoder-adapter release: adapter weights saved inside a Hugging Face Qwen2 checkpoint.
 
 The adapter model (``Qwen2ForCausalLMWithTranscoder``) adds to each decoder layer's MLP a branch
 ``mlp(x) + dec(relu(enc(x)))`` and saves it with ``save_pretrained``, so the state dict / the
@@ -25,17 +25,10 @@ from typing import Dict, Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
-from tckernels.nn.formats import (
-    FormatError,
-    MissingKeyError,
-    assign_,
-    check_shape,
-    read_safetensors,
-    safetensors_keys,
-    torch_load,
-)
+from tckernels.nn.errors import FormatError, MissingKeyError
+from tckernels.nn.formats.reading import assign_, check_shape, read_safetensors, safetensors_keys, torch_load
 
-__all__ = ["load_adapter000", "ADAPTER_KEY_RE"]
+__all__ = ["load_transcoder_adapter_weights", "ADAPTER_KEY_RE"]
 
 #: ``...layers.{i}.mlp.transcoder_{enc,dec}.{weight,bias}``, with any prefix (``model.`` for
 #: ``*ForCausalLM``, none for a bare ``Qwen2Model``).
@@ -98,14 +91,14 @@ def _tensors_from_source(source, wanted_layers) -> tuple:
     return parts, tensors, files
 
 
-def load_adapter000(
+def load_transcoder_adapter_weights(
     source: Union[str, os.PathLike, Mapping[str, Tensor]],
     layers: Optional[Iterable[int]] = None,
     *,
     dtype: Optional[torch.dtype] = None,
     device=None,
 ) -> Dict[int, "torch.nn.Module"]:
-    """Seed 000 adapter weights -> ``{layer: Transcoder(activation="relu", dec_init="zero")}``.
+    """Transcoder-adapter weights -> ``{layer: Transcoder(activation="relu", dec_init="zero")}``.
 
     ``source``: a state dict, a ``.safetensors`` file, a ``pytorch_model.bin`` (read with
     ``weights_only=True``) or a checkpoint directory (``model.safetensors`` or shards listed in

@@ -12,7 +12,7 @@ round trip is bit-exact. Nothing is unpickled.
 
 Loading checks everything against the config before any tensor is used: a missing or
 unexpected key, a wrong shape or dtype, a truncated or corrupt file, or a bad config raise
-:class:`TranscoderFormatError` naming the file (and the key).
+:class:`~tckernels.nn.errors.FormatError` naming the file (and the key).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from tckernels.nn.errors import FormatError
+from tckernels.nn.formats.reading import read_safetensors
 from tckernels.nn.transcoder import Transcoder, TranscoderConfig
 
 __all__ = [
@@ -33,10 +34,8 @@ __all__ = [
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
     "CONFIG_NAME",
-    "TranscoderFormatError",
     "save_transcoder",
     "load_transcoder",
-    "read_safetensors",
     "write_safetensors",
 ]
 
@@ -48,10 +47,6 @@ CONFIG_NAME = "config.json"
 PathLike = Union[str, os.PathLike]
 
 
-class TranscoderFormatError(FormatError):
-    """A checkpoint file is missing, truncated, corrupt or does not match its config."""
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -59,11 +54,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _dtype_from_name(name: str, file: Path) -> torch.dtype:
     dt = getattr(torch, str(name), None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise TranscoderFormatError(f"{file}: 'dtype' must name a torch floating dtype, got {name!r}")
+        raise FormatError(f"'dtype' must name a torch floating dtype, got {name!r}", path=file)
     return dt
 
 
 def _atomic_write(path: Path, write) -> None:
+    # write beside the target, then rename: an interrupted save leaves the old file intact
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -76,32 +72,6 @@ def write_safetensors(path: PathLike, tensors: Dict[str, Tensor], metadata: Opti
     path = Path(path)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     _atomic_write(path, lambda p: save_file(cpu, str(p), metadata=metadata or {"format": "pt"}))
-
-
-def read_safetensors(path: PathLike, device=None) -> Dict[str, Tensor]:
-    """Read every tensor of a safetensors file; a missing, truncated or corrupt file raises
-    :class:`TranscoderFormatError` naming the file (and the key when one tensor is at fault)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise TranscoderFormatError(f"{path}: file not found")
-    out: Dict[str, Tensor] = {}
-    key = None
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    except TranscoderFormatError:
-        raise
-    except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
-        where = f" (reading key {key!r})" if key is not None else ""
-        raise TranscoderFormatError(
-            f"{path}: not a readable safetensors file{where}; it may be truncated or corrupt: {exc}"
-        ) from exc
-    if device is not None:
-        out = {k: v.to(device) for k, v in out.items()}
-    return out
 
 
 def save_transcoder(model: Transcoder, path: PathLike) -> None:
@@ -127,36 +97,36 @@ def save_transcoder(model: Transcoder, path: PathLike) -> None:
 def _read_config(path: Path) -> tuple:
     file = path / CONFIG_NAME
     if not file.is_file():
-        raise TranscoderFormatError(f"{file}: file not found (is {path} a saved tckernels transcoder?)")
+        raise FormatError(f"file not found (is {path} a saved tckernels transcoder?)", path=file)
     try:
         meta = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise TranscoderFormatError(f"{file}: not valid JSON: {exc}") from exc
+        raise FormatError(f"not valid JSON: {exc}", path=file) from exc
     if not isinstance(meta, dict):
-        raise TranscoderFormatError(f"{file}: expected a JSON object, got {type(meta).__name__}")
+        raise FormatError(f"expected a JSON object, got {type(meta).__name__}", path=file)
     for key in ("format", "format_version", "config", "dtype"):
         if key not in meta:
-            raise TranscoderFormatError(f"{file}: missing key {key!r}")
+            raise FormatError(f"missing key {key!r}", path=file)
     if meta["format"] != FORMAT:
-        raise TranscoderFormatError(f"{file}: key 'format' is {meta['format']!r}, expected {FORMAT!r}")
+        raise FormatError(f"key 'format' is {meta['format']!r}, expected {FORMAT!r}", path=file)
     version = meta["format_version"]
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise TranscoderFormatError(f"{file}: key 'format_version' must be a positive int, got {version!r}")
+        raise FormatError(f"key 'format_version' must be a positive int, got {version!r}", path=file)
     if version > FORMAT_VERSION:
-        raise TranscoderFormatError(
-            f"{file}: format_version {version} is newer than this tckernels reads ({FORMAT_VERSION}); upgrade tckernels"
+        raise FormatError(
+            f"format_version {version} is newer than this tckernels reads ({FORMAT_VERSION}); upgrade tckernels", path=file
         )
     raw = meta["config"]
     if not isinstance(raw, dict):
-        raise TranscoderFormatError(f"{file}: key 'config' must be an object")
+        raise FormatError("key 'config' must be an object", path=file)
     fields = {f.name for f in dataclasses.fields(TranscoderConfig)}
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise TranscoderFormatError(f"{file}: unknown config key(s) {unknown}")
+        raise FormatError(f"unknown config key(s) {unknown}", path=file)
     try:
         cfg = TranscoderConfig(**raw)
     except (TypeError, ValueError) as exc:
-        raise TranscoderFormatError(f"{file}: invalid config: {exc}") from exc
+        raise FormatError(f"invalid config: {exc}", path=file) from exc
     return cfg, _dtype_from_name(meta["dtype"], file)
 
 
@@ -168,9 +138,11 @@ def load_transcoder(path: PathLike, dtype: Optional[torch.dtype] = None, device=
     """
     path = Path(path)
     if not path.is_dir():
-        raise TranscoderFormatError(f"{path}: not a directory (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)")
+        raise FormatError(f"not a directory (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)", path=path)
     cfg, saved_dtype = _read_config(path)
     file = path / WEIGHTS_NAME
+    if not file.is_file():  # a checkpoint without its weights is malformed, not just a missing path
+        raise FormatError("file not found", path=file)
     tensors = read_safetensors(file)
 
     with torch.device("meta"):
@@ -179,19 +151,19 @@ def load_transcoder(path: PathLike, dtype: Optional[torch.dtype] = None, device=
     missing = [k for k in expected if k not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise TranscoderFormatError(f"{file}: missing key {missing[0]!r}{more}")
+        raise FormatError(f"missing key {missing[0]!r}{more}", path=file)
     unexpected = sorted(k for k in tensors if k not in expected)
     if unexpected:
-        raise TranscoderFormatError(f"{file}: unexpected key {unexpected[0]!r} for this config")
+        raise FormatError(f"unexpected key {unexpected[0]!r} for this config", path=file)
     for key, ref in expected.items():
         t = tensors[key]
         if tuple(t.shape) != tuple(ref.shape):
-            raise TranscoderFormatError(
-                f"{file}: key {key!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)} from {CONFIG_NAME}"
+            raise FormatError(
+                f"key {key!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)} from {CONFIG_NAME}", path=file
             )
         if t.dtype != ref.dtype and not (ref.is_floating_point() and t.is_floating_point() and key == "threshold"):
-            raise TranscoderFormatError(
-                f"{file}: key {key!r} has dtype {_dtype_name(t.dtype)}, expected {_dtype_name(ref.dtype)}"
+            raise FormatError(
+                f"key {key!r} has dtype {_dtype_name(t.dtype)}, expected {_dtype_name(ref.dtype)}", path=file
             )
     model.load_state_dict(tensors, strict=True, assign=True)
     if dtype is not None:
