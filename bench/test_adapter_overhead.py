@@ -1,4 +1,4 @@
-"""Issue 4: the transcoder adapter's overhead on a forward pass and on generation, against the
+"""The transcoder adapter's overhead on a forward pass and on generation, against the
 plain Qwen2ForCausalLM with the same weights, measured in the same run.
 
     python -m pytest bench/test_adapter_overhead.py -s
@@ -40,6 +40,7 @@ from tckernels.models import (  # noqa: E402
     Qwen2TranscoderConfig,
     adapter_modules,
     l0_per_layer,
+    record_features,
     set_adapters_enabled,
 )
 
@@ -127,10 +128,12 @@ def setup(request):
               "init": init, "seed_dense": seed_dense}
 
     with torch.no_grad():
-        sparse(x)
-        l0_sparse = {i: float(v) for i, v in l0_per_layer(sparse).items()}
-        init(x)
-        l0_init = {i: float(v) for i, v in l0_per_layer(init).items()}
+        with record_features(sparse) as rec:
+            sparse(x)
+        l0_sparse = {i: float(v) for i, v in l0_per_layer(rec).items()}
+        with record_features(init) as rec:
+            init(x)
+        l0_init = {i: float(v) for i, v in l0_per_layer(rec).items()}
         # sanity: the seed's formula and tckernels agree; off and the zero-decoder init are exact
         tol = 1e-3 if dtype == torch.float32 else 0.1
         torch.testing.assert_close(sparse(x).logits.float(), seed_dense(x).logits.float(), atol=tol, rtol=tol)

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from tckernels.models import adapters_enabled, l0_per_layer, record_features
 from training import forward_utils as fu
 from training.data import iterate_batches, prompt_ids
 from training.losses import kl_and_agreement, nmse_per_layer, sequence_weights
@@ -38,8 +39,6 @@ def validate(objective, examples: Sequence, pad_token_id: int, batch_size: int, 
              with_hybrid: bool = True, dead_counters: Optional[torch.Tensor] = None,
              dead_after_tokens: Optional[int] = None) -> dict:
     """Validation metrics (see the module docstring) as plain Python numbers and lists."""
-    from tckernels.models import adapters_enabled
-
     A, R, chunk = objective.A, objective.R, objective.chunk
     adapters = objective.adapters
     layers = sorted(adapters)
@@ -59,9 +58,11 @@ def validate(objective, examples: Sequence, pad_token_id: int, batch_size: int, 
         hs_r = fu.free_run(R, inputs)
         hr_final = fu.final_hidden(R, hs_r[-1])[sel]
 
-        hs_a = fu.free_run(A, inputs)
+        with record_features(objective.adapted) as feats:
+            hs_a = fu.free_run(A, inputs)
+        l0 = l0_per_layer(feats, real)
         for j, i in enumerate(layers):
-            l0_sum[j] += float(adapters[i].l0(real)) * n_real
+            l0_sum[j] += float(l0[i]) * n_real
         kl, agree, _ = _kl_top1(A, fu.final_hidden(A, hs_a[-1])[sel], R, hr_final, sel, chunk)
         acc["kl"] += float(kl) * n_seq
         acc["agree"] += float(agree)
@@ -141,8 +142,6 @@ def sample_generations(objective, tokenizer, records: Sequence, chat_format: str
     adapted model and the reference. Per model: ``hesitation_rate`` (completions containing the
     word), ``match_rate`` (completions equal to the record's own answer, when it has one),
     ``mean_tokens`` and a few ``examples``."""
-    from tckernels.models import adapters_enabled
-
     records = [r for r in records if isinstance(r, dict)][:n]
     prompts = [prompt_ids(r, chat_format, tokenizer, where=f"generation record {i}") for i, r in enumerate(records)]
     answers = [_last_assistant(r) for r in records]

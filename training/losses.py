@@ -1,5 +1,5 @@
 """The training objective of transcoder adapters, term by term: the objective of the original
-transcoder-adapter code (seed 000, the paper "Transcoder Adapters for Reasoning-Model Diffing").
+transcoder-adapter code (the paper "Transcoder Adapters for Reasoning-Model Diffing").
 
 Per micro-batch, with ``L`` decoder layers, ``A`` the adapted model and ``R`` the reference model::
 
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tckernels.models import FeatureRecorder, adapter_modules, fired_features, l0_per_layer, record_features
 from training import forward_utils as fu
 
 
@@ -190,13 +191,14 @@ def nmse_per_layer(states_a: list, states_r: list, mask: Tensor, reduction: str 
     return torch.stack(out)
 
 
-def sparsity(adapters: dict, weights: Tensor) -> Tensor:
-    """``S`` of the adapters' last forward: ``sum_layers sum_tokens weights * sum_i f_i ||W_dec[:, i]||``
+def sparsity(features: FeatureRecorder, weights: Tensor) -> Tensor:
+    """``S`` of the recorded forward: ``sum_layers sum_tokens weights * sum_i f_i ||W_dec[:, i]||``
     with ``weights`` from :func:`mean_weights` over the real tokens."""
     total = torch.zeros((), device=weights.device)
     w = weights.to(torch.float32)
-    for mlp in adapters.values():
-        total = total + (mlp.sparsity_per_token() * w).sum()
+    for i in features.layers:
+        per_token = features.adapters[i].transcoder.sparsity_per_token(features.tokens(i))
+        total = total + (per_token * w).sum()
     return total
 
 
@@ -219,8 +221,6 @@ class BridgingObjective(nn.Module):
                  lambda_nmse: float = 1.0, lambda_bridge: float = 2.0, kl_chunk_tokens: int = 1024,
                  gradient_checkpointing: bool = False, reduction: str = "token"):
         super().__init__()
-        from tckernels.models import adapter_modules
-
         _check_reduction(reduction)
         self.reduction = reduction
         self.adapted = adapted
@@ -256,14 +256,11 @@ class BridgingObjective(nn.Module):
         with torch.no_grad():
             hs_r = fu.free_run(self.R, inputs)
             hr_final = fu.final_hidden(self.R, hs_r[-1])[sel]
-        hs_a = fu.free_run(self.A, inputs, checkpoint=self.checkpoint)
-        # adapter statistics of the free run, before any bridging pass reruns an adapter layer
-        s_term = sparsity(self.adapters, mean_weights(real, self.reduction))
-        l0 = torch.stack([self.adapters[i].l0(real) for i in sorted(self.adapters)]).float()
-        fired = None
-        if track_features:
-            with torch.no_grad():
-                fired = torch.stack([self.adapters[i].fire_counts(real) > 0 for i in sorted(self.adapters)])
+        with record_features(self.adapted, grad=True) as feats:  # the free run's features only
+            hs_a = fu.free_run(self.A, inputs, checkpoint=self.checkpoint)
+        s_term = sparsity(feats, mean_weights(real, self.reduction))
+        l0 = torch.stack(list(l0_per_layer(feats, real).values())).float()
+        fired = torch.stack(list(fired_features(feats, real).values())) if track_features else None
 
         ha_final = fu.final_hidden(self.A, hs_a[-1])[sel]
         kl = chunked_kl(ha_final, self.A.lm_head, hr_final, self.R.lm_head, w, self.chunk)

@@ -4,6 +4,11 @@
     model = Qwen2ForCausalLMWithTranscoder.from_pretrained(path)       # or AutoModelForCausalLM
     add_transcoder_adapters(any_hf_decoder, n_features=8192)           # Qwen2/Qwen3/Llama/Mistral
 
+Modules, bottom to top: ``adapter_transcoder`` (the adapter's ``nn.Transcoder`` in the checkpoint
+layout), ``adapter`` (the module around a layer's MLP), ``surgery`` (adding, removing and
+preparing a model's adapters), ``interventions`` and ``features`` (editing and recording
+features), ``qwen2`` (the Qwen2 model and config), ``hybrid`` (building adapted models).
+
 Importing this package registers ``Qwen2TranscoderConfig`` (model_type ``"qwen2_transcoder"``)
 and ``Qwen2ForCausalLMWithTranscoder`` with ``AutoConfig`` / ``AutoModelForCausalLM``.
 """
@@ -14,16 +19,41 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
         "tckernels.models needs Hugging Face transformers: pip install 'tckernels[models]'"
     ) from e
 
-from tckernels.models.adapter import (
+from tckernels.models.adapter import ACTIVATIONS, ADAPTER_OPTIONS, TranscoderAdapterMLP
+from tckernels.models.adapter_transcoder import AdapterTranscoder, TranscoderDecoder, TranscoderEncoder
+from tckernels.models.features import (
+    FeatureRecorder,
+    adapter_stats,
+    dead_feature_counts,
+    fired_features,
+    l0_per_layer,
+    record_features,
+    sparsity_loss,
+    update_feature_stats_,
+)
+from tckernels.models.hybrid import adapt_model, build_hybrid
+from tckernels.models.interventions import (
+    FeatureInterventions,
     InterventionHandle,
-    LastActivations,
-    TranscoderAdapterMLP,
-    TranscoderDecoder,
-    TranscoderEncoder,
+    ablate_features,
+    add_intervention,
+    adapters_enabled,
+    clamp_features,
+    clear_interventions,
+    interventions_of,
+    scale_features,
+    set_adapters_enabled,
+    steer_features,
+)
+from tckernels.models.qwen2 import (
+    Qwen2ForCausalLMWithTranscoder,
+    Qwen2TranscoderConfig,
+    convert_to_transcoder_model,
+)
+from tckernels.models.surgery import (
     adapter_modules,
     adapter_parameters,
     add_transcoder_adapters,
-    build_hybrid,
     cast_adapters_,
     find_decoder_layers,
     freeze_base_,
@@ -31,37 +61,17 @@ from tckernels.models.adapter import (
     relayout_adapters_,
     remove_transcoder_adapters,
 )
-from tckernels.models.interventions import (
-    FeatureRecorder,
-    ablate_features,
-    adapter_stats,
-    adapters_enabled,
-    clamp_features,
-    clear_interventions,
-    dead_feature_counts,
-    l0_per_layer,
-    record_features,
-    scale_features,
-    set_adapters_enabled,
-    sparsity_loss,
-    steer_features,
-    update_feature_stats_,
-)
-from tckernels.models.qwen2 import (
-    Qwen2ForCausalLMWithTranscoder,
-    Qwen2TranscoderConfig,
-    convert_to_transcoder_model,
-)
 
 __all__ = [
     "Qwen2TranscoderConfig",
     "Qwen2ForCausalLMWithTranscoder",
     "convert_to_transcoder_model",
+    "ACTIVATIONS",
+    "ADAPTER_OPTIONS",
     "TranscoderAdapterMLP",
+    "AdapterTranscoder",
     "TranscoderEncoder",
     "TranscoderDecoder",
-    "LastActivations",
-    "InterventionHandle",
     "add_transcoder_adapters",
     "remove_transcoder_adapters",
     "adapter_modules",
@@ -71,9 +81,14 @@ __all__ = [
     "relayout_adapters_",
     "cast_adapters_",
     "find_decoder_layers",
+    "adapt_model",
     "build_hybrid",
     "set_adapters_enabled",
     "adapters_enabled",
+    "FeatureInterventions",
+    "InterventionHandle",
+    "interventions_of",
+    "add_intervention",
     "ablate_features",
     "scale_features",
     "clamp_features",
@@ -83,6 +98,7 @@ __all__ = [
     "record_features",
     "sparsity_loss",
     "l0_per_layer",
+    "fired_features",
     "update_feature_stats_",
     "dead_feature_counts",
     "adapter_stats",

@@ -1,8 +1,8 @@
-"""Working with the adapters of a model: on/off, feature interventions, recording, statistics.
+"""Feature interventions on transcoder adapters, and turning adapters on and off.
 
-Everything here takes the model (any model with :class:`TranscoderAdapterMLP` layers, see
-``tckernels.models.adapter``) and an optional ``layers`` selection (indices of layers that have
-adapters; an unknown index raises ``ValueError`` naming ``layers``).
+Everything here takes the model (any model with :class:`~tckernels.models.adapter.TranscoderAdapterMLP`
+layers) and an optional ``layers`` selection (indices of layers that have adapters; an unknown
+index raises ``ValueError`` naming ``layers``).
 
 - On/off: :func:`set_adapters_enabled`, and :func:`adapters_enabled` as a context manager.
   Off, a layer computes its original MLP bit for bit.
@@ -11,50 +11,240 @@ adapters; an unknown index raises ``ValueError`` naming ``layers``).
   :func:`clamp_features` (f_i = value on every token), :func:`steer_features` (add
   ``coefficient·W_dec[i]``, the feature's decoder direction, on every token), and
   :func:`clear_interventions`. ``features`` is an index, a sequence, a tensor, ``"all"``, or a
-  dict ``{layer: features}`` for different features per layer.
-- Recording: :func:`record_features` collects the encoder's activations (indices and values
-  per token per layer, before interventions) of every forward inside the ``with`` block.
-- Statistics over real tokens (``mask``: bool or 0/1 tensor with the tokens' leading shape,
-  e.g. the attention mask): :func:`sparsity_loss` (the paper's S, summed over layers),
-  :func:`l0_per_layer`, :func:`update_feature_stats_` / :func:`dead_feature_counts`, and
-  :func:`adapter_stats` which gathers them.
+  dict ``{layer: features}`` for different features per layer. :func:`add_intervention` and
+  :func:`interventions_of` work on one adapter.
+
+The interventions of one adapter are a :class:`FeatureInterventions`, installed as the adapter's
+``feature_edit``: each feature's activation becomes ``a·f + c``, composed in the order the
+interventions were added; ``a`` scales the encoder's sparse activations and ``c`` adds
+``Σ c_i·W_dec[i]`` to the decoded output, so a clamp or steer on inactive features costs one
+``[d]`` vector, not a wider decode. Recording (``tckernels.models.features``) sees the encoder's
+activations before any intervention.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from tckernels.models.adapter import (
-    FeatureSpec,
-    InterventionHandle,
-    TranscoderAdapterMLP,
-    _selected_adapters,
-    check_layers,
-)
+from tckernels.models.adapter import TranscoderAdapterMLP
+from tckernels.models.surgery import selected_adapters
 from tckernels.nn.activations import SparseActivations
 
 __all__ = [
+    "KINDS",
+    "FeatureInterventions",
+    "InterventionHandle",
+    "interventions_of",
+    "add_intervention",
     "set_adapters_enabled",
     "adapters_enabled",
-    "InterventionHandle",
     "ablate_features",
     "scale_features",
     "clamp_features",
     "steer_features",
     "clear_interventions",
-    "FeatureRecorder",
-    "record_features",
-    "sparsity_loss",
-    "l0_per_layer",
-    "update_feature_stats_",
-    "dead_feature_counts",
-    "adapter_stats",
 ]
 
+KINDS = ("zero", "scale", "clamp", "add")
+
+FeatureSpec = Union[int, Sequence[int], Tensor, str, None]
 Layers = Optional[Iterable[int]]
+
+
+# ------------------------------------------------------------------------------------------------
+# the core: one adapter's interventions
+# ------------------------------------------------------------------------------------------------
+
+
+def _as_index_tensor(features: FeatureSpec, n: int, name: str = "features") -> Tensor:
+    """1-D int64 CPU tensor of feature indices, range-checked against n."""
+    if isinstance(features, str):
+        if features != "all":
+            raise ValueError(f"{name} must be a feature index, a sequence of them, a tensor or 'all', got {features!r}")
+        return torch.arange(n, dtype=torch.int64)
+    if features is None:
+        raise ValueError(f"{name} must be given (a feature index, a sequence of them, a tensor or 'all')")
+    if isinstance(features, Tensor):
+        if features.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer feature indices, got a bool tensor (use .nonzero())")
+        if features.is_floating_point() or features.is_complex():
+            raise TypeError(f"{name} must hold integer feature indices, got dtype {features.dtype}")
+        t = features.detach().to("cpu", torch.int64).reshape(-1)
+    else:
+        items = [features] if isinstance(features, int) else list(features)
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must hold integer feature indices, got {v!r}")
+        t = torch.tensor(items, dtype=torch.int64).reshape(-1)
+    if t.numel():
+        bad = t[(t < 0) | (t >= n)]
+        if bad.numel():
+            raise ValueError(
+                f"{name}: feature index {int(bad[0])} is out of range; the adapter has n_features = {n} "
+                f"(valid indices 0..{n - 1})"
+            )
+    return t
+
+
+def _as_value_tensor(value, count: int, name: str) -> Tensor:
+    """Scalar or ``[count]`` value -> float64 CPU tensor ``[count]``."""
+    if isinstance(value, Tensor):
+        v = value.detach().to("cpu", torch.float64).reshape(-1)
+        if v.numel() == 1:
+            return v.expand(count).clone()
+        if v.numel() != count:
+            raise ValueError(f"{name} must be a number or hold one value per feature ({count}), got {v.numel()} values")
+        return v
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    return torch.full((count,), float(value), dtype=torch.float64)
+
+
+class FeatureInterventions:
+    """The interventions of one adapter, composed into one affine map per feature; callable as
+    the adapter's ``feature_edit``: ``(acts, W_dec) -> (acts, shift)``."""
+
+    def __init__(self, n_features: int):
+        self.n_features = n_features
+        self._entries: Dict[int, Tuple[str, Tensor, Optional[Tensor]]] = {}
+        self._next_key = 0
+        self._affine = None  # (scale [F] or None, shift_idx, shift_coef) on CPU, float64
+        self._on_device: Dict[tuple, tuple] = {}
+
+    def add(self, kind: str, features: FeatureSpec, value=None) -> int:
+        """Add one intervention (see :func:`add_intervention`); returns its key."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        idx = _as_index_tensor(features, self.n_features)
+        if kind == "zero":
+            if value is not None:
+                raise ValueError("kind 'zero' takes no value")
+            val = None
+        else:
+            if value is None:
+                raise ValueError(f"kind {kind!r} needs a value")
+            val = _as_value_tensor(value, idx.numel(), "value")
+        key = self._next_key
+        self._next_key += 1
+        self._entries[key] = (kind, idx, val)
+        self._changed()
+        return key
+
+    def remove(self, key: int) -> None:
+        if self._entries.pop(key, None) is not None:
+            self._changed()
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._changed()
+
+    @property
+    def entries(self) -> List[Tuple[str, Tensor, Optional[Tensor]]]:
+        """``(kind, feature indices, values or None)`` in the order they were added."""
+        return list(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _changed(self) -> None:
+        self._affine = None
+        self._on_device = {}
+
+    def _affine_cpu(self):
+        if self._affine is None:
+            n = self.n_features
+            a = torch.ones(n, dtype=torch.float64)
+            c = torch.zeros(n, dtype=torch.float64)
+            for kind, idx, val in self._entries.values():
+                if kind == "zero":
+                    a[idx] = 0.0
+                    c[idx] = 0.0
+                elif kind == "scale":
+                    a[idx] *= val
+                    c[idx] *= val
+                elif kind == "clamp":
+                    a[idx] = 0.0
+                    c[idx] = val
+                else:  # add
+                    c[idx] += val
+            scale = None if bool((a == 1).all()) else a
+            nz = c.nonzero().squeeze(1)
+            self._affine = (scale, nz if nz.numel() else None, c[nz] if nz.numel() else None)
+        return self._affine
+
+    def _affine_for(self, device, dtype):
+        key = (device, dtype)
+        hit = self._on_device.get(key)
+        if hit is None:
+            scale, idx, coef = self._affine_cpu()
+            hit = (
+                None if scale is None else scale.to(device=device, dtype=dtype),
+                None if idx is None else idx.to(device),
+                None if coef is None else coef.to(device=device, dtype=dtype),
+            )
+            self._on_device[key] = hit
+        return hit
+
+    def __call__(self, acts: SparseActivations, W_dec: Tensor) -> Tuple[SparseActivations, Optional[Tensor]]:
+        if not self._entries:
+            return acts, None
+        scale, shift_idx, shift_coef = self._affine_for(acts.values.device, acts.values.dtype)
+        if scale is not None:
+            acts = SparseActivations(acts.values * scale[acts.indices], acts.indices)
+        shift = None
+        if shift_idx is not None:
+            shift = (shift_coef.unsqueeze(1) * W_dec[shift_idx]).sum(0)
+        return acts, shift
+
+
+def interventions_of(mlp: TranscoderAdapterMLP) -> FeatureInterventions:
+    """The adapter's :class:`FeatureInterventions` (installed as its ``feature_edit`` on first use)."""
+    if not isinstance(mlp, TranscoderAdapterMLP):
+        raise TypeError(f"mlp must be a TranscoderAdapterMLP, got {type(mlp).__name__}")
+    edit = mlp.feature_edit
+    if edit is None:
+        edit = mlp.feature_edit = FeatureInterventions(mlp.n_features)
+    elif not isinstance(edit, FeatureInterventions):
+        raise ValueError(
+            f"layer {mlp.layer_index}: the adapter's feature_edit is a {type(edit).__name__}, not the "
+            "interventions of this module; remove it (feature_edit = None) to intervene"
+        )
+    return edit
+
+
+class InterventionHandle:
+    """Removes the intervention(s) it stands for: ``handle.remove()``, or use it as a context
+    manager (``with ablate_features(model, ...):``). Removing twice is harmless."""
+
+    def __init__(self, entries: List[Tuple[FeatureInterventions, int]]):
+        self._entries = entries
+
+    def remove(self) -> None:
+        for core, key in self._entries:
+            core.remove(key)
+        self._entries = []
+
+    def __enter__(self) -> "InterventionHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def add_intervention(mlp: TranscoderAdapterMLP, kind: str, features: FeatureSpec, value=None) -> InterventionHandle:
+    """Change one adapter's features between encoder and decoder, on every token, until removed.
+
+    ``kind``: ``"zero"`` (ablate: f_i = 0), ``"scale"`` (f_i *= value), ``"clamp"`` (f_i = value
+    on every token, active or not) or ``"add"`` (f_i += value, i.e. add ``value·W_dec[i]``, the
+    feature's decoder direction, to the output). ``features``: an index, a sequence, a tensor or
+    ``"all"``; ``value``: a number or one per feature. Interventions compose in the order they
+    were added (each feature's f ↦ a·f + c). Returns a handle (``.remove()``, or ``with``).
+    """
+    core = interventions_of(mlp)
+    return InterventionHandle([(core, core.add(kind, features, value))])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,16 +256,14 @@ def set_adapters_enabled(model: nn.Module, enabled: bool, layers: Layers = None)
     """Turn the adapters of ``layers`` (default: all) on or off."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    for mlp in _selected_adapters(model, layers).values():
+    for mlp in selected_adapters(model, layers).values():
         mlp.enabled = enabled
-        if not enabled:
-            mlp._last = None
 
 
 @contextmanager
 def adapters_enabled(model: nn.Module, enabled: bool = True, layers: Layers = None) -> Iterator[nn.Module]:
     """Context manager: adapters of ``layers`` on (or off) inside the block, previous states after."""
-    mods = _selected_adapters(model, layers)
+    mods = selected_adapters(model, layers)
     before = {i: m.enabled for i, m in mods.items()}
     set_adapters_enabled(model, enabled, list(mods))
     try:
@@ -94,9 +282,9 @@ def _per_layer(model: nn.Module, features, layers: Layers) -> Dict[int, Tuple[Tr
     if isinstance(features, Mapping):
         if layers is not None:
             raise ValueError("layers must be None when features is a {layer: features} dict")
-        mods = _selected_adapters(model, list(features.keys()))
+        mods = selected_adapters(model, list(features.keys()))
         return {i: (mods[i], features[i]) for i in mods}
-    return {i: (m, features) for i, m in _selected_adapters(model, layers).items()}
+    return {i: (m, features) for i, m in selected_adapters(model, layers).items()}
 
 
 def _intervene(model, kind, features, value, layers) -> InterventionHandle:
@@ -104,11 +292,11 @@ def _intervene(model, kind, features, value, layers) -> InterventionHandle:
     entries = []
     try:
         for i, (mlp, feats) in targets.items():
+            core = interventions_of(mlp)
             try:
-                h = mlp.add_intervention(kind, feats, value)
+                entries.append((core, core.add(kind, feats, value)))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"layer {i}: {e}") from None
-            entries.extend(h._entries)
     except BaseException:
         InterventionHandle(entries).remove()
         raise
@@ -139,166 +327,6 @@ def steer_features(model: nn.Module, features: FeatureSpec, coefficient, layers:
 
 def clear_interventions(model: nn.Module, layers: Layers = None) -> None:
     """Remove every intervention at ``layers`` (default: all)."""
-    for mlp in _selected_adapters(model, layers).values():
-        mlp.clear_interventions()
-
-
-# ------------------------------------------------------------------------------------------------
-# recording
-# ------------------------------------------------------------------------------------------------
-
-
-class FeatureRecorder:
-    """Activations recorded by :func:`record_features`.
-
-    ``records[layer]``: one :class:`SparseActivations` ``(values [..., w], indices [..., w])``
-    per forward call (the encoder's output before interventions, detached; padded slots have
-    value 0; ``w`` may differ between calls).
-    """
-
-    def __init__(self, layers: List[int], n_features: Dict[int, int], to_cpu: bool):
-        self.layers = layers
-        self.n_features = n_features
-        self.to_cpu = to_cpu
-        self.records: Dict[int, List[SparseActivations]] = {i: [] for i in layers}
-
-    def _sink(self, layer):
-        def sink(_idx, values, indices):
-            if self.to_cpu:
-                values, indices = values.cpu(), indices.cpu()
-            self.records[layer].append(SparseActivations(values, indices))
-
-        return sink
-
-    def _check(self, layer: int) -> List[SparseActivations]:
-        check_layers([layer], self.layers, "layer")
-        recs = self.records[layer]
-        if not recs:
-            raise RuntimeError(f"nothing was recorded at layer {layer} (no forward pass with its adapter on)")
-        return recs
-
-    def tokens(self, layer: int, dim: int = -2) -> SparseActivations:
-        """Every call's activations at ``layer`` joined along the token dimension ``dim`` of the
-        inputs (default -2: the sequence of ``[batch, seq, d]`` inputs, so a ``generate`` gives
-        ``[batch, prompt + new tokens, w]``), padded to the widest call."""
-        recs = self._check(layer)
-        w = max(r.values.shape[-1] for r in recs)
-        vs, ids = [], []
-        for v, i in recs:
-            pad = w - v.shape[-1]
-            if pad:
-                v = torch.nn.functional.pad(v, (0, pad))
-                i = torch.nn.functional.pad(i, (0, pad))
-            vs.append(v)
-            ids.append(i)
-        return SparseActivations(torch.cat(vs, dim), torch.cat(ids, dim))
-
-    def dense(self, layer: int, dim: int = -2) -> Tensor:
-        """:meth:`tokens` scattered into dense ``[..., n_features]`` activations."""
-        from tckernels.nn.activations import to_dense
-
-        return to_dense(self.tokens(layer, dim), self.n_features[layer])
-
-    def active(self, layer: int, dim: int = -2) -> List[List[Tuple[int, float]]]:
-        """Per token (flattened in order), the list of ``(feature, value)`` active there."""
-        v, i = self.tokens(layer, dim)
-        v2, i2 = v.reshape(-1, v.shape[-1]).cpu(), i.reshape(-1, i.shape[-1]).cpu()
-        out = []
-        for row_v, row_i in zip(v2.tolist(), i2.tolist()):
-            out.append([(f, x) for f, x in zip(row_i, row_v) if x != 0])
-        return out
-
-
-@contextmanager
-def record_features(model: nn.Module, layers: Layers = None, *, to_cpu: bool = False) -> Iterator[FeatureRecorder]:
-    """Record the adapters' feature activations at ``layers`` (default: all) for every forward
-    inside the block (a plain forward, or each step of ``generate``)::
-
-        with record_features(model, layers=[3]) as rec:
-            model.generate(ids, max_new_tokens=20)
-        values, indices = rec.tokens(3)      # [batch, prompt + 19, w]
-
-    ``to_cpu``: move each record to the CPU as it is made (frees device memory on long runs).
-    """
-    mods = _selected_adapters(model, layers)
-    rec = FeatureRecorder(list(mods), {i: m.n_features for i, m in mods.items()}, to_cpu)
-    keys = {i: m.add_sink(rec._sink(i)) for i, m in mods.items()}
-    try:
-        yield rec
-    finally:
-        for i, m in mods.items():
-            m.remove_sink(keys[i])
-
-
-# ------------------------------------------------------------------------------------------------
-# statistics of the last forward
-# ------------------------------------------------------------------------------------------------
-
-
-def _with_acts(model, layers) -> Dict[int, TranscoderAdapterMLP]:
-    """Selected adapters that hold activations of the last forward (enabled, record on)."""
-    return {i: m for i, m in _selected_adapters(model, layers).items() if m._last is not None}
-
-
-def sparsity_loss(model: nn.Module, mask: Optional[Tensor] = None, layers: Layers = None) -> Tensor:
-    """Σ over layers of each adapter's :meth:`~TranscoderAdapterMLP.sparsity_term` (the paper's S:
-    Σ_i f_i·‖W_dec[i]‖₂ per token, mean over real tokens) from the last forward; layers whose
-    adapter was off are skipped. Differentiable; 0 when no layer has activations."""
-    mods = _with_acts(model, layers)
-    total = None
-    for m in mods.values():
-        t = m.sparsity_term(mask)
-        total = t if total is None else total + t.to(total.device)
-    if total is None:
-        ref = next(iter(_selected_adapters(model, layers).values())).W_enc
-        return torch.zeros((), dtype=torch.promote_types(ref.dtype, torch.float32), device=ref.device)
-    return total
-
-
-def l0_per_layer(model: nn.Module, mask: Optional[Tensor] = None, layers: Layers = None) -> Dict[int, Tensor]:
-    """``{layer: mean active features per real token}`` of the last forward (0-d tensors)."""
-    return {i: m.l0(mask) for i, m in _with_acts(model, layers).items()}
-
-
-def update_feature_stats_(model: nn.Module, mask: Optional[Tensor] = None, layers: Layers = None) -> None:
-    """Count the last forward's real tokens into each adapter's ``tokens_since_fired`` (reset for
-    the features that fired). Call once per training batch, after the forward that counts."""
-    for m in _with_acts(model, layers).values():
-        m.update_feature_stats_(mask)
-
-
-def dead_feature_counts(model: nn.Module, threshold: int, layers: Layers = None) -> Dict[int, Tensor]:
-    """``{layer: number of features that have not fired in the last threshold real tokens}``."""
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
-        raise ValueError(f"threshold must be a positive int, got {threshold!r}")
-    return {i: m.dead_features(threshold).sum() for i, m in _selected_adapters(model, layers).items()}
-
-
-def adapter_stats(
-    model: nn.Module,
-    mask: Optional[Tensor] = None,
-    *,
-    layers: Layers = None,
-    dead_thresholds: Iterable[int] = (100, 1000),
-    update: bool = True,
-) -> Dict[str, Tensor]:
-    """Per-layer and averaged statistics, as 0-d tensors (no host synchronisation):
-    ``l0/layer_{i}`` and ``l0`` (mean over the layers with activations) of the last forward,
-    ``dead_{t}/layer_{i}`` and ``dead_{t}`` (mean over layers) for each threshold t in real
-    tokens, after counting the last forward in (``update=True``)."""
-    if update:
-        update_feature_stats_(model, mask, layers)
-    out: Dict[str, Tensor] = {}
-    l0s = l0_per_layer(model, mask, layers)
-    for i, v in l0s.items():
-        out[f"l0/layer_{i}"] = v
-    if l0s:
-        out["l0"] = torch.stack([v.to(next(iter(l0s.values())).device) for v in l0s.values()]).mean()
-    for t in dead_thresholds:
-        dead = dead_feature_counts(model, t, layers)
-        for i, v in dead.items():
-            out[f"dead_{t}/layer_{i}"] = v
-        if dead:
-            dev = next(iter(dead.values())).device
-            out[f"dead_{t}"] = torch.stack([v.to(dev) for v in dead.values()]).float().mean()
-    return out
+    for mlp in selected_adapters(model, layers).values():
+        if isinstance(mlp.feature_edit, FeatureInterventions):
+            mlp.feature_edit.clear()

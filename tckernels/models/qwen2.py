@@ -1,21 +1,21 @@
 """Qwen2 with a transcoder adapter on every MLP, as released with the transcoder-adapter paper
-(seed 000), on Hugging Face transformers.
+on Hugging Face transformers.
 
-- :class:`Qwen2TranscoderConfig`: ``Qwen2Config`` plus the seed's ``transcoder_n_features`` and
+- :class:`Qwen2TranscoderConfig`: ``Qwen2Config`` plus the release's ``transcoder_n_features`` and
   ``transcoder_dec_bias`` (same names and defaults: 512, False) and ours: ``transcoder_activation``
   ("relu" | "topk" | "jumprelu"), ``transcoder_k`` (TopK), ``transcoder_k_max`` (fixed padded
   width; None adapts), ``transcoder_jumprelu_threshold`` / ``_bandwidth``, ``transcoder_layers``
   (None: every layer). ``model_type`` is ``"qwen2_transcoder"`` so the Auto classes find the model;
-  configs written by the seed (``model_type: "qwen2"`` with the two transcoder fields) load too.
+  configs written by the release's code (``model_type: "qwen2"`` with the two transcoder fields) load too.
 - :class:`Qwen2ForCausalLMWithTranscoder`: ``Qwen2ForCausalLM`` whose ``model.layers[i].mlp`` are
-  :class:`~tckernels.models.adapter.TranscoderAdapterMLP` (parameter names of the seed, so its
+  :class:`~tckernels.models.adapter.TranscoderAdapterMLP` (parameter names of the release, so its
   checkpoints load unchanged). Construction and ``from_pretrained`` freeze everything but the
   adapters; adapter weights missing from a checkpoint (e.g. loading a plain Qwen2 checkpoint)
-  get the seed's initialisation, so the model then computes exactly what the checkpoint's model
+  get the release's initialisation, so the model then computes exactly what the checkpoint's model
   computes.
 - Importing this module registers both with ``AutoConfig`` / ``AutoModelForCausalLM``: after
   ``import tckernels.models``, ``AutoModelForCausalLM.from_pretrained(path)`` loads a saved
-  adapter model. (Seed checkpoints say ``model_type: "qwen2"``, which the Auto classes map to the
+  adapter model. (Release checkpoints say ``model_type: "qwen2"``, which the Auto classes map to the
   plain Qwen2; load those with ``Qwen2ForCausalLMWithTranscoder.from_pretrained`` — saving them
   again writes ``qwen2_transcoder``.)
 """
@@ -24,13 +24,9 @@ from typing import Optional
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tckernels.models.adapter import (
-    ACTIVATIONS,
-    add_transcoder_adapters,
-    adapter_modules,
-    freeze_base_,
-    relayout_adapters_,
-)
+from tckernels.models.adapter import ACTIVATIONS, ADAPTER_OPTIONS
+from tckernels.models.interventions import set_adapters_enabled
+from tckernels.models.surgery import add_transcoder_adapters, adapter_modules, freeze_base_, relayout_adapters_
 
 __all__ = [
     "Qwen2TranscoderConfig",
@@ -39,15 +35,8 @@ __all__ = [
     "is_plain_qwen2_causal_lm",
 ]
 
-_FIELDS = {  # add_transcoder_adapters keyword -> config field
-    "activation": "transcoder_activation",
-    "k": "transcoder_k",
-    "k_max": "transcoder_k_max",
-    "dec_bias": "transcoder_dec_bias",
-    "jumprelu_threshold": "transcoder_jumprelu_threshold",
-    "jumprelu_bandwidth": "transcoder_jumprelu_bandwidth",
-    "layers": "transcoder_layers",
-}
+# add_transcoder_adapters keyword -> config field
+_FIELDS = {name: f"transcoder_{name}" for name in (*ADAPTER_OPTIONS, "layers")}
 
 
 def _transformers4_rope_fields(rope_parameters) -> dict:
@@ -74,7 +63,7 @@ class Qwen2TranscoderConfig(Qwen2Config):
     transcoder_layers: Optional[list] = None
 
     def __post_init__(self, **kwargs):
-        kwargs.pop("model_type", None)  # a seed config says "qwen2"; this class is qwen2_transcoder
+        kwargs.pop("model_type", None)  # a release config says "qwen2"; this class is qwen2_transcoder
         super().__post_init__(**kwargs)
         self._check_transcoder_fields()
 
@@ -120,7 +109,7 @@ class Qwen2TranscoderConfig(Qwen2Config):
     def to_dict(self) -> dict:
         """The config as transformers 5 writes it, plus the RoPE fields as transformers 4 reads them
         (``rope_theta``, ``rope_scaling``): transformers 5 keeps them only inside ``rope_parameters``,
-        which transformers 4 (and the seed's code on 4.57) ignores, falling back to theta 10000."""
+        which transformers 4 (and the release's code on 4.57) ignores, falling back to theta 10000."""
         d = super().to_dict()
         d.update(_transformers4_rope_fields(d.get("rope_parameters")))
         return d
@@ -131,7 +120,7 @@ class Qwen2TranscoderConfig(Qwen2Config):
 
     @classmethod
     def from_qwen2_config(cls, config: Qwen2Config, **transcoder_fields) -> "Qwen2TranscoderConfig":
-        """A Qwen2 config (or the seed's config class) plus transcoder fields."""
+        """A Qwen2 config (or the release's config class) plus transcoder fields."""
         d = config.to_dict()
         d.pop("model_type", None)
         d.pop("transformers_version", None)
@@ -160,7 +149,7 @@ class Qwen2ForCausalLMWithTranscoder(Qwen2ForCausalLM):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """``PreTrainedModel.from_pretrained``; then adapter parameters missing from the checkpoint
-        (e.g. a plain Qwen2 checkpoint) get the seed's initialisation, the decoder weights their
+        (e.g. a plain Qwen2 checkpoint) get the release's initialisation, the decoder weights their
         row-per-feature layout, and everything but the adapters is frozen."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -174,19 +163,15 @@ class Qwen2ForCausalLMWithTranscoder(Qwen2ForCausalLM):
 
     def adapters(self):
         """``{layer index: TranscoderAdapterMLP}``."""
-        from tckernels.models.adapter import adapter_modules
-
         return adapter_modules(self)
 
     def set_adapters_enabled(self, enabled: bool, layers=None):
-        from tckernels.models.interventions import set_adapters_enabled
-
         set_adapters_enabled(self, enabled, layers)
         return self
 
 
 def init_missing_adapter_parameters_(model: nn.Module, missing_keys) -> None:
-    """Seed initialisation for the adapter parameters named (fully, e.g.
+    """The release's initialisation for the adapter parameters named (fully, e.g.
     ``model.layers.3.mlp.transcoder_dec.weight``) in ``missing_keys``."""
     names = {id(m): n for n, m in model.named_modules()}
     missing = set(missing_keys)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -64,11 +64,12 @@ __all__ = ["TranscoderConfig", "Transcoder", "TranscoderOutput", "SparseActivati
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 DEC_INITS = ("zero", "unit_norm", "transpose")
 RECONSTRUCTION_LOSSES = ("mse", "fvu")
+_PARAMETER_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "b_pre", "log_threshold")
 
 
 @dataclass
 class TranscoderConfig:
-    """Everything that defines a transcoder's shape and training behaviour (saved by ``io``)."""
+    """Everything that defines a transcoder's shape and training behaviour (saved by ``tckernels.nn.formats.tckernels_transcoder``)."""
 
     d_in: int
     n_features: int
@@ -181,6 +182,7 @@ class Transcoder(nn.Module):
         l1_coefficient: float = 0.0,
         dtype: Optional[torch.dtype] = None,
         device=None,
+        init: bool = True,
         **extra,
     ):
         super().__init__()
@@ -200,9 +202,28 @@ class Transcoder(nn.Module):
         self.k = cfg.k
         #: "auto" (by padded width), "sparse" or "dense": how decode() runs.
         self.decode_mode = "auto"
+        self._init_parameters(dtype, device)
+
+        self._width = self._new_width()
+        if init:  # False: the caller overwrites every weight (a loader) or initialises them itself
+            self.reset_parameters()
+
+    #: Whether a training-mode forward counts its tokens into ``tokens_since_fired``. A
+    #: transcoder adapter cannot: inside a model's forward it does not know which tokens are
+    #: padding, so its model counts afterwards with :meth:`update_tokens_since_fired_`.
+    counts_fired_in_forward = True
+
+    def _new_width(self) -> AutoWidth:
+        """The padded width of the ReLU-family encoders, from its starting point."""
+        cfg = self._cfg
+        initial = min(self.n_features, 4 * cfg.k) if cfg.activation == "batchtopk" else 64
+        return AutoWidth(self.n_features, fixed=cfg.k_max, initial=initial)
+
+    def _init_parameters(self, dtype, device) -> None:
+        """Create the parameters and buffers (the one place that knows how they are stored)."""
+        cfg = self._cfg
         fk = dict(dtype=dtype, device=device)
         N, di, do = self.n_features, self.d_in, self.d_out
-
         self.W_enc = nn.Parameter(torch.empty(N, di, **fk))
         self.b_enc = nn.Parameter(torch.zeros(N, **fk))
         self.W_dec = nn.Parameter(torch.empty(N, do, **fk))
@@ -220,13 +241,6 @@ class Transcoder(nn.Module):
             self.threshold = None
         self.register_buffer("tokens_since_fired", torch.zeros(N, dtype=torch.int64, device=device))
 
-        if cfg.activation == "batchtopk":
-            initial = min(N, 4 * cfg.k)
-        else:
-            initial = 64
-        self._width = AutoWidth(N, fixed=cfg.k_max, initial=initial)
-        self.reset_parameters()
-
     # -------------------------------------------------------------------------------------------
     # construction
     # -------------------------------------------------------------------------------------------
@@ -241,29 +255,64 @@ class Transcoder(nn.Module):
     def config(self) -> TranscoderConfig:
         return dataclasses.replace(self._cfg)
 
+    @property
+    def k_max(self) -> Optional[int]:
+        """Fixed padded width of the ReLU-family encoders (rows with more active features keep
+        their k_max largest), or None: adaptive, no entry dropped, one host sync per forward."""
+        return self._cfg.k_max
+
+    @k_max.setter
+    def k_max(self, value: Optional[int]) -> None:
+        self._cfg = dataclasses.replace(self._cfg, k_max=value)  # validated by the config
+        self._width = self._new_width()
+
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Encoder rows ~ U(±1/√d_in), biases and W_skip zero, decoder by ``dec_init``."""
-        bound = 1.0 / math.sqrt(self.d_in)
-        self.W_enc.uniform_(-bound, bound)
-        self.b_enc.zero_()
-        init = self._cfg.dec_init
-        if init == "zero":
-            self.W_dec.zero_()
-        elif init == "unit_norm":
-            self.W_dec.normal_()
-            self.normalize_decoder_()
-        else:  # transpose
-            self.W_dec.copy_(self.W_enc)
-            self.normalize_decoder_()
-        for p in (self.b_dec, self.W_skip, self.b_pre):
-            if p is not None:
-                p.zero_()
-        if self.log_threshold is not None:
+    def reset_parameters(self, seed: Optional[int] = None, only: Optional[Iterable[str]] = None) -> None:
+        """Encoder rows ~ U(±1/√d_in), biases and W_skip zero, decoder by ``dec_init``,
+        JumpReLU thresholds at ``jumprelu_threshold``; the BatchTopK threshold and the
+        dead-feature counter restart.
+
+        ``seed``: draw the encoder from a float32 CPU generator with that seed, so the same seed
+        gives the same weights on every device and in every dtype. ``only``: names of the
+        parameters to initialise (``"W_enc"``, ``"b_enc"``, ``"W_dec"``, ``"b_dec"``, ``"W_skip"``,
+        ``"b_pre"``, ``"log_threshold"``); default all, and then the state restarts too.
+        """
+        wanted = set(_PARAMETER_NAMES) if only is None else set(only)
+        unknown = wanted - set(_PARAMETER_NAMES)
+        if unknown:
+            raise ValueError(f"only: unknown parameter name(s) {sorted(unknown)}; expected some of {_PARAMETER_NAMES}")
+
+        def todo(name):
+            p = getattr(self, name)
+            return name in wanted and p is not None and p.device.type != "meta"
+
+        if todo("W_enc"):
+            bound = 1.0 / math.sqrt(self.d_in)
+            if seed is None:
+                self.W_enc.uniform_(-bound, bound)
+            else:
+                g = torch.Generator().manual_seed(int(seed))
+                self.W_enc.copy_(torch.empty(self.W_enc.shape, dtype=torch.float32).uniform_(-bound, bound, generator=g))
+        if todo("W_dec"):
+            init = self._cfg.dec_init
+            if init == "zero":
+                self.W_dec.zero_()
+            elif init == "unit_norm":
+                self.W_dec.normal_()
+                self.normalize_decoder_()
+            else:  # transpose
+                self.W_dec.copy_(self.W_enc)
+                self.normalize_decoder_()
+        for name in ("b_enc", "b_dec", "W_skip", "b_pre"):
+            if todo(name):
+                getattr(self, name).zero_()
+        if todo("log_threshold"):
             self.log_threshold.fill_(math.log(self._cfg.jumprelu_threshold))
-        if self.threshold is not None:
-            self.threshold.fill_(-1.0)
-        self.tokens_since_fired.zero_()
+        if only is None:
+            if self.threshold is not None:
+                self.threshold.fill_(-1.0)
+            self.tokens_since_fired.zero_()
+            self._width = self._new_width()
 
     def extra_repr(self) -> str:
         c = self._cfg
@@ -347,8 +396,8 @@ class Transcoder(nn.Module):
             )
             acts = res.acts
             extra["jump"] = res
-        if self.training:
-            _metrics.update_tokens_since_fired_(self.tokens_since_fired, acts.values.detach(), acts.indices, mask)
+        if self.training and self.counts_fired_in_forward:
+            self.update_tokens_since_fired_(acts, mask)
         return acts, extra
 
     def _batchtopk_train(self, x_in: Tensor, flat_mask: Optional[Tensor]) -> Tuple[SparseActivations, Tensor]:
@@ -398,13 +447,23 @@ class Transcoder(nn.Module):
         """``[N]`` bool: features that have not fired in the last ``dead_tokens_threshold`` tokens."""
         return _metrics.dead_features(self.tokens_since_fired, self._cfg.dead_tokens_threshold)
 
-    def sparsity_term(self, acts: SparseActivations, mask: Optional[Tensor] = None) -> Tensor:
-        """``Σ_i f_i·‖W_dec[i]‖₂`` per token, mean over real tokens (differentiable in f and W_dec)."""
+    @torch.no_grad()
+    def update_tokens_since_fired_(self, acts: SparseActivations, mask: Optional[Tensor] = None) -> Tensor:
+        """Advance ``tokens_since_fired`` by the real tokens of ``acts`` (``mask``: bool ``[...]``)
+        and reset it for the features active on them. Returns the counter."""
+        return _metrics.update_tokens_since_fired_(self.tokens_since_fired, acts.values.detach(), acts.indices, mask)
+
+    def sparsity_per_token(self, acts: SparseActivations) -> Tensor:
+        """``Σ_i f_i·‖W_dec[i]‖₂`` for each token, ``[...]``, in float32 (float64 for float64
+        weights); differentiable in f (hence in the encoder) and in W_dec."""
         values, indices = acts
         dt = torch.promote_types(values.dtype, torch.float32)
         norms = self.W_dec.to(dt).norm(dim=1)
-        per_token = (values.to(dt) * norms[indices]).sum(-1)
-        return _metrics.masked_mean(per_token, mask)
+        return (values.to(dt) * norms[indices]).sum(-1)
+
+    def sparsity_term(self, acts: SparseActivations, mask: Optional[Tensor] = None) -> Tensor:
+        """:meth:`sparsity_per_token`, mean over real tokens (the transcoder-adapter paper's S)."""
+        return _metrics.masked_mean(self.sparsity_per_token(acts), mask)
 
     def auxk_loss(
         self,
@@ -509,18 +568,3 @@ class Transcoder(nn.Module):
             "n_tokens": _metrics.n_tokens(lead, mask, device=x.device),
         }
         return TranscoderOutput(output, acts, losses, metrics)
-
-    # -------------------------------------------------------------------------------------------
-    # persistence (tckernels.nn.io)
-    # -------------------------------------------------------------------------------------------
-
-    def save_pretrained(self, path) -> None:
-        from tckernels.nn.io import save_transcoder
-
-        save_transcoder(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None) -> "Transcoder":
-        from tckernels.nn.io import load_transcoder
-
-        return load_transcoder(path, dtype=dtype, device=device)

@@ -13,11 +13,13 @@ from tckernels.models import (  # noqa: E402
     add_transcoder_adapters,
     find_decoder_layers,
     init_adapters_,
+    l0_per_layer,
+    record_features,
     remove_transcoder_adapters,
     sparsity_loss,
 )
 from tckernels.nn.activations import prefer_dense_decode  # noqa: E402
-from tckernels.nn.formats import load_adapter000  # noqa: E402
+from tckernels.nn.formats import load_transcoder_adapter_weights  # noqa: E402
 from tests.models import (  # noqa: E402
     N_FEATURES,
     TINY,
@@ -107,9 +109,10 @@ def test_adapter_options_and_layers():
     with pytest.raises(TypeError, match="already has a transcoder adapter"):
         TranscoderAdapterMLP(mlp, 16)
     relu = TranscoderAdapterMLP(model.model.layers[0].mlp, 16, k_max=4)
-    assert relu._width.fixed == 4
-    relu.k_max = None  # back to the adaptive width
-    assert relu._width.fixed is None
+    x = torch.randn(5, D)
+    assert relu.k_max == 4 and relu.encode(x).values.shape == (5, 4)
+    relu.k_max = None  # back to the adaptive width: every active feature kept
+    assert relu.k_max is None and relu.encode(x).values.shape[-1] >= int((relu.W_enc @ x.t() > 0).sum(0).max())
     with pytest.raises(ValueError, match="k_max must be <= n_features = 16"):
         relu.k_max = 17
     with pytest.raises(ValueError, match="d_model = 40 does not match the hidden size of the MLP"):
@@ -188,16 +191,16 @@ def test_init_adapters_seeded_and_parameters():
 @pytest.mark.parametrize("dec_bias", [False, True])
 @torch.no_grad()
 def test_load_transcoder_from_the_seed_loader(dec_bias):
-    """tckernels.nn.formats.load_adapter000 -> Transcoder -> adapter: the same weights."""
+    """tckernels.nn.formats.load_transcoder_adapter_weights -> Transcoder -> adapter: the same weights."""
     plain = plain_qwen2()
     model = adapted_qwen2(plain, transcoder_dec_bias=dec_bias)
     sd = {k: v for k, v in model.state_dict().items() if "transcoder_" in k}
     fresh = adapted_qwen2(plain, randomize=False, transcoder_dec_bias=dec_bias)
-    for i, tc in load_adapter000(sd).items():
+    for i, tc in load_transcoder_adapter_weights(sd).items():
         fresh.model.layers[i].mlp.load_transcoder_(tc)
     x = ids()
     assert torch.equal(fresh(x).logits, model(x).logits)
-    tc = load_adapter000(sd)[0]
+    tc = load_transcoder_adapter_weights(sd)[0]
     wide = adapted_qwen2(plain_qwen2(hidden_size=48), randomize=False, transcoder_dec_bias=dec_bias, hidden_size=48)
     with pytest.raises(ValueError, match="d_model is 48"):
         wide.model.layers[0].mlp.load_transcoder_(tc)
@@ -208,42 +211,47 @@ def test_sparsity_term_and_gradients():
     x = ids(batch=2, seq=6)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, 3:] = False
-    with MLPInputs(model) as io:
+    with MLPInputs(model) as io, record_features(model, grad=True) as rec:
         model(x)
     total = 0.0
     for i, mlp in adapter_modules(model).items():
         f = dense_features(mlp, io.inputs[i])
         per_token = (f * mlp.W_dec.double().norm(dim=1)).sum(-1)
         expect = per_token[mask].mean()
-        assert_close(mlp.sparsity_term(mask), expect)
-        assert_close(mlp.sparsity_term(mask.long()), expect)  # an attention mask of 0/1 works too
-        assert_close(mlp.sparsity_term(), per_token.mean())
-        assert_close(mlp.sparsity_per_token(), per_token)
+        acts = rec.tokens(i)
+        assert_close(mlp.transcoder.sparsity_term(acts, mask), expect)
+        assert_close(mlp.transcoder.sparsity_term(acts), per_token.mean())
+        assert_close(mlp.transcoder.sparsity_per_token(acts), per_token)
+        assert_close(sparsity_loss(rec, mask.long(), layers=[i]), expect)  # an attention mask of 0/1 works too
         total = total + expect
-    s = sparsity_loss(model, mask)
+    s = sparsity_loss(rec, mask)
     assert_close(s, total)
     s.backward()
     mlp = model.model.layers[0].mlp
-    assert mlp.W_enc.grad is not None and mlp.transcoder_dec.weight.grad is not None
+    assert mlp.W_enc.grad.abs().sum() > 0 and mlp.transcoder_dec.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="mask must have the tokens' leading shape"):
-        mlp.sparsity_term(torch.ones(3, 6, dtype=torch.bool))
-    mlp.enabled = False
-    model(x)
-    with pytest.raises(RuntimeError, match="sparsity_per_token needs the activations"):
-        mlp.sparsity_term()
+        sparsity_loss(rec, torch.ones(3, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="sparsity_loss takes the FeatureRecorder"):
+        sparsity_loss(model, mask)
 
 
 @torch.no_grad()
-def test_record_off_keeps_nothing():
+def test_recording_is_explicit_and_detached_by_default():
     model = adapted_qwen2(plain_qwen2())
     mlp = model.model.layers[0].mlp
-    model(ids())
-    assert mlp.last_acts is not None and mlp.last_acts.values.requires_grad is False
-    mlp.record = False
-    model(ids())
-    assert mlp.last_acts is None
-    with pytest.raises(RuntimeError, match="l0 needs the activations"):
-        mlp.l0()
+    with record_features(model) as rec:
+        model(ids())
+    assert rec.tokens(0).values.requires_grad is False
+    assert not hasattr(mlp, "last_acts") and not hasattr(mlp, "_last")  # the adapter keeps nothing
+    model(ids())  # outside the block: nothing more is recorded
+    assert len(rec.records[0]) == 1
+    mlp.enabled = False
+    with record_features(model) as off:
+        model(ids())
+    assert off.recorded_layers() == [1, 2]
+    with pytest.raises(RuntimeError, match="nothing was recorded at layer 0"):
+        off.tokens(0)
+    assert set(l0_per_layer(off)) == {1, 2}
 
 
 def test_sparse_and_dense_decode_agree():
@@ -253,10 +261,35 @@ def test_sparse_and_dense_decode_agree():
     for mode in ("sparse", "dense", "auto"):
         for mlp in adapter_modules(model).values():
             mlp.decode_mode = mode
-        with torch.no_grad():
+        with torch.no_grad(), record_features(model) as rec:
             outs[mode] = model(x).logits
-    for mlp in adapter_modules(model).values():  # the adaptive width shrank: "auto" decoded sparsely
-        assert 0 < mlp.l0() < 6
-        assert not prefer_dense_decode(mlp.last_acts.values.shape[-1], mlp.n_features, "cpu")
+    l0 = l0_per_layer(rec)
+    for i, mlp in adapter_modules(model).items():  # the adaptive width shrank: "auto" decoded sparsely
+        assert 0 < l0[i] < 6
+        assert not prefer_dense_decode(rec.tokens(i).values.shape[-1], mlp.n_features, "cpu")
     assert_close(outs["sparse"], outs["dense"], atol=1e-5, rtol=1e-5)
     assert_close(outs["auto"], outs["dense"], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_the_adapter_holds_one_transcoder():
+    """Encode, decode, sparsity and the dead-feature counter are tckernels.nn.Transcoder's."""
+    from tckernels.nn import Transcoder
+
+    model = adapted_qwen2(plain_qwen2(), transcoder_activation="jumprelu")
+    mlp = model.model.layers[0].mlp
+    tc = mlp.transcoder
+    assert isinstance(tc, Transcoder) and type(tc).encode is Transcoder.encode
+    assert type(tc).sparsity_term is Transcoder.sparsity_term
+    assert mlp.W_enc is tc.W_enc and mlp.W_enc is mlp.transcoder_enc.weight
+    assert tc.log_threshold is mlp.transcoder_log_threshold
+    assert mlp.W_dec.data_ptr() == mlp.transcoder_dec.weight.data_ptr()
+    x = torch.randn(2, 5, D)
+    assert torch.equal(mlp(x), mlp.base_mlp(x) + tc(x))  # the adapter adds the transcoder's output
+    # its parameters appear once, under the release's names
+    names = [n for n, _ in mlp.named_parameters()]
+    assert len(names) == len({id(p) for p in mlp.parameters()})
+    assert {n for n in names if n.startswith("transcoder")} == {
+        "transcoder_enc.weight", "transcoder_enc.bias", "transcoder_dec.weight", "transcoder_log_threshold"
+    }
+    assert "tokens_since_fired" not in mlp.state_dict()

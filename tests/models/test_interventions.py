@@ -6,12 +6,15 @@ transformers = pytest.importorskip("transformers")
 
 from tckernels.models import (  # noqa: E402
     ablate_features,
+    add_intervention,
     adapter_modules,
     adapter_stats,
     adapters_enabled,
     clamp_features,
     clear_interventions,
     dead_feature_counts,
+    fired_features,
+    interventions_of,
     l0_per_layer,
     record_features,
     scale_features,
@@ -117,7 +120,7 @@ def test_each_intervention_against_the_formula(model):
                 f = change(f)
             assert_close(io.outputs[i], by_hand(mlp, io.inputs[i], f=f), atol=1e-4, rtol=1e-4), name
     # removed after each block
-    assert not model.model.layers[layer].mlp.interventions
+    assert not interventions_of(model.model.layers[layer].mlp).entries
 
 
 def _cols(f, feats, fn):
@@ -149,7 +152,7 @@ def test_interventions_compose_in_order_and_per_layer_dict(model):
     h3.remove()  # harmless
     h1.remove()
     h2.remove()
-    assert not mlp0.interventions
+    assert not interventions_of(mlp0).entries
     handle = ablate_features(model, {0: [1], 2: "all"})
     _, io = run(model, x)
     mods = adapter_modules(model)
@@ -158,7 +161,7 @@ def test_interventions_compose_in_order_and_per_layer_dict(model):
     assert_close(io.outputs[1], by_hand(mods[1], io.inputs[1]))
     assert_close(io.outputs[2], mods[2].base_mlp(io.inputs[2]))
     clear_interventions(model)
-    assert not any(m.interventions for m in mods.values())
+    assert not any(interventions_of(m).entries for m in mods.values())
     handle.remove()
 
 
@@ -181,7 +184,7 @@ def test_intervention_errors(model):
     with pytest.raises(ValueError, match="layers must be None"):
         ablate_features(model, {0: [1]}, layers=[0])
     # a failure at one layer leaves no intervention behind at the others
-    assert not any(m.interventions for m in adapter_modules(model).values())
+    assert not any(interventions_of(m).entries for m in adapter_modules(model).values())
 
 
 @torch.no_grad()
@@ -218,25 +221,49 @@ def test_l0_and_dead_features_count_real_tokens_only(model):
     x = ids(batch=2, seq=6)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 2:] = False
-    _, io = run(model, x)
-    for i, l0 in l0_per_layer(model, mask).items():
+    with record_features(model) as rec:
+        _, io = run(model, x)
+    for i, l0 in l0_per_layer(rec, mask).items():
         f = dense_features(adapter_modules(model)[i], io.inputs[i])
         assert_close(l0, (f > 0).sum(-1)[mask].double().mean())
-    update_feature_stats_(model, mask)
+    update_feature_stats_(rec, mask)
     mlp = model.model.layers[0].mlp
     f = dense_features(mlp, io.inputs[0])
     fired_real = (f > 0)[mask].any(0)
+    assert torch.equal(fired_features(rec, mask)[0], fired_real)
     expect = torch.where(fired_real, 0, int(mask.sum()))
     assert torch.equal(mlp.tokens_since_fired, expect)
     counts = dead_feature_counts(model, int(mask.sum()))
     assert int(counts[0]) == int((~fired_real).sum())
     assert int(dead_feature_counts(model, 1000)[0]) == 0
-    stats = adapter_stats(model, mask, dead_thresholds=(8,), update=True)  # counts this forward again
+    stats = adapter_stats(rec, mask, dead_thresholds=(8,), update=True)  # counts this forward again
     per_layer = {f"{name}/layer_{i}" for name in ("l0", "dead_8") for i in range(3)}
     assert set(stats) == {"l0", "dead_8", *per_layer}
     assert int(stats["dead_8/layer_0"]) == int((~fired_real).sum())
     with pytest.raises(ValueError, match="threshold must be a positive int"):
         dead_feature_counts(model, 0)
     set_adapters_enabled(model, False, layers=[1])
-    model(x)
-    assert set(l0_per_layer(model)) == {0, 2}  # layer 1 had no activations
+    with record_features(model) as rec_off:
+        model(x)
+    assert set(l0_per_layer(rec_off)) == {0, 2}  # layer 1 had no activations
+
+
+@torch.no_grad()
+def test_one_adapter_interventions_and_a_foreign_edit(model):
+    x = ids()
+    mlp = model.model.layers[1].mlp
+    with add_intervention(mlp, "zero", "all"):
+        _, io = run(model, x)
+        assert len(interventions_of(mlp)) == 1
+    assert_close(io.outputs[1], mlp.base_mlp(io.inputs[1]))
+    assert not interventions_of(mlp).entries
+    with pytest.raises(ValueError, match="kind must be one of"):
+        add_intervention(mlp, "double", [1])
+    with pytest.raises(ValueError, match="kind 'zero' takes no value"):
+        add_intervention(mlp, "zero", [1], 2.0)
+    with pytest.raises(ValueError, match="kind 'scale' needs a value"):
+        add_intervention(mlp, "scale", [1])
+    mlp.feature_edit = lambda acts, W_dec: (acts, None)  # someone else's edit is not overwritten
+    with pytest.raises(ValueError, match="feature_edit is a function, not the interventions"):
+        ablate_features(model, [1], layers=[1])
+    mlp.feature_edit = None

@@ -19,6 +19,7 @@ from tckernels.models import (  # noqa: E402
     adapter_modules,
     adapter_parameters,
     adapters_enabled,
+    add_transcoder_adapters,
     build_hybrid,
     cast_adapters_,
     init_adapters_,
@@ -202,9 +203,14 @@ def test_save_load_round_trip_safetensors(tmp_path, dec_bias):
     assert torch.equal(saved, model.model.layers[2].mlp.transcoder_dec.weight)
 
     loaded = Qwen2ForCausalLMWithTranscoder.from_pretrained(tmp_path).eval()
-    assert torch.equal(loaded(x).logits, ref)
-    for mlp in adapter_modules(loaded).values():
+    with record_features(loaded) as rec:
+        assert torch.equal(loaded(x).logits, ref)
+    for i, mlp in adapter_modules(loaded).items():
         assert mlp.transcoder_dec.has_layout()
+        assert mlp.transcoder.W_enc is mlp.transcoder_enc.weight  # the held transcoder sees the loaded weights
+        assert not mlp.dead_features(1).any()  # a fresh counter (the checkpoint has none)
+        mlp.update_feature_stats_(rec.tokens(i))
+        assert int(mlp.tokens_since_fired.max()) <= x.numel()
     trainable = {id(p) for p in loaded.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in adapter_parameters(loaded)}
 
@@ -255,7 +261,9 @@ def test_bfloat16_model_and_float32_adapters():
     expect = by_hand(mlp, io.inputs[0])
     assert_close(io.outputs[0], expect, atol=3e-2, rtol=3e-2)
     # training the float32 adapters through the bfloat16 model
-    loss = model(x).logits.float().logsumexp(-1).mean() + sparsity_loss(model)
+    with record_features(model, grad=True) as rec:
+        logits = model(x).logits
+    loss = logits.float().logsumexp(-1).mean() + sparsity_loss(rec)
     loss.backward()
     assert mlp.W_enc.grad.dtype == torch.float32 and mlp.transcoder_dec.weight.grad is not None
 
@@ -277,7 +285,7 @@ def test_bfloat16_model_and_float32_adapters():
 def test_topk_jumprelu_and_fixed_width(activation, extra):
     model = adapted_qwen2(plain_qwen2(), transcoder_activation=activation, **extra)
     x = ids(batch=2, seq=6)
-    with MLPInputs(model) as io:
+    with MLPInputs(model) as io, record_features(model) as rec:
         model(x)
     for i, mlp in adapter_modules(model).items():
         dense = dense_features(mlp, io.inputs[i], activation, extra.get("transcoder_k"))
@@ -285,13 +293,29 @@ def test_topk_jumprelu_and_fixed_width(activation, extra):
             top = dense.topk(8, dim=-1)
             dense = torch.zeros_like(dense).scatter(-1, top.indices, top.values)
         assert_close(io.outputs[i], by_hand(mlp, io.inputs[i], f=dense))
-        last = mlp.last_acts
+        last = rec.tokens(i)
         assert last.values.shape[:-1] == (2, 6)
         if activation == "topk":
             assert last.values.shape[-1] == 5 and ((last.values > 0).sum(-1) <= 5).all()
         if activation == "jumprelu":
             theta = mlp.transcoder_log_threshold.exp()[last.indices]
             assert ((last.values == 0) | (last.values > theta)).all()
+
+
+def test_config_fields_are_the_adapter_options():
+    """One spelling of the options: each config field is transcoder_<option> with the adapter's default."""
+    import inspect
+
+    from tckernels.models import ADAPTER_OPTIONS, TranscoderAdapterMLP
+
+    defaults = inspect.signature(TranscoderAdapterMLP).parameters
+    assert set(ADAPTER_OPTIONS) <= set(defaults)
+    config = transcoder_config()
+    for name in ADAPTER_OPTIONS:
+        assert getattr(config, f"transcoder_{name}") == defaults[name].default, name
+    assert config.adapter_kwargs() == {**{n: defaults[n].default for n in ADAPTER_OPTIONS}, "layers": None}
+    with pytest.raises(TypeError, match="unexpected keyword argument.*bogus"):
+        add_transcoder_adapters(plain_qwen2(), N_FEATURES, bogus=1)
 
 
 def test_config_validation():
@@ -356,8 +380,9 @@ def test_training_step_touches_only_the_adapters():
     x = ids()
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[1, 4:] = False
-    out = model(x, attention_mask=mask.long(), labels=x)
-    loss = out.loss + 0.01 * sparsity_loss(model, mask)
+    with record_features(model, grad=True) as rec:
+        out = model(x, attention_mask=mask.long(), labels=x)
+    loss = out.loss + 0.01 * sparsity_loss(rec, mask)
     loss.backward()
     params = adapter_parameters(model)
     assert all(p.grad is not None for p in params)
@@ -372,15 +397,21 @@ def test_training_step_touches_only_the_adapters():
 
 
 def test_gradient_checkpointing_counts_each_forward_once():
-    model = adapted_qwen2(plain_qwen2()).train()
-    model.gradient_checkpointing_enable()
     x = ids()
-    with record_features(model, layers=[0]) as rec:
-        out = model(x, labels=x, use_cache=False)
-        loss = out.loss + 0.01 * sparsity_loss(model)
-        loss.backward()  # re-runs every layer's forward: neither recorded nor stored again
-    assert len(rec.records[0]) == 1
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(model)[:2])
+    grads = {}
+    for checkpointing in (False, True):
+        model = adapted_qwen2(plain_qwen2()).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        with record_features(model, grad=True) as rec:
+            out = model(x, labels=x, use_cache=False)
+        loss = out.loss + 0.01 * sparsity_loss(rec)
+        loss.backward()  # re-runs every layer's forward, after the recording ended
+        assert all(len(rec.records[i]) == 1 for i in rec.layers)
+        grads[checkpointing] = [p.grad.clone() for p in adapter_parameters(model)]
+    assert all(g.abs().sum() > 0 for g in grads[True][:2])
+    for a, b in zip(grads[False], grads[True]):
+        assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 @torch.no_grad()
