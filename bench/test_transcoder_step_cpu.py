@@ -1,4 +1,4 @@
-"""Issue 2 target, CPU float32, M=2048 D=768 N=24576 k=32: one TopK transcoder training step
+"""The CPU training-step target, float32, M=2048 D=768 N=24576 k=32: one TopK transcoder training step
 through tckernels >= 4x faster than dense eager and >= 1.7x faster than an embedding_bag decoder.
 
     python -m pytest bench/test_transcoder_step_cpu.py -s

@@ -133,8 +133,8 @@ def count_sanitized_calls() -> dict:
     sys.path.insert(0, ROOT)
     import torch
 
-    from scripts import sanitize_cuda_ops as s
-    from tckernels.backends import reference as R
+    from scripts import sanitize_cuda_ops as sanitize
+    from tckernels.backends import reference
 
     calls: dict = {}
 
@@ -144,7 +144,7 @@ def count_sanitized_calls() -> dict:
 
     class Counting:
         def __getattr__(self, name):
-            fn = getattr(R, name)
+            fn = getattr(reference, name)
 
             def call(*a, **kw):
                 calls[name] = calls.get(name, 0) + 1
@@ -157,10 +157,10 @@ def count_sanitized_calls() -> dict:
 
             return call
 
-    s.DEV, s.C, s.close = "cpu", Counting(), lambda *a, **kw: None
+    sanitize.DEV, sanitize.cuda, sanitize.close = "cpu", Counting(), lambda *a, **kw: None
     g = torch.Generator().manual_seed(0)
-    s.topk_cases(g)
-    s.sparse_cases(g)
+    sanitize.topk_cases(g)
+    sanitize.sparse_cases(g)
     return calls
 
 

@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from tckernels.backends import cuda as C
-from tckernels.backends import reference as R
+from tckernels.backends import cuda
+from tckernels.backends import reference
 
 DEV = "cuda"
 
@@ -47,8 +47,8 @@ def topk_cases(g):
                 pre[0, ::5] = float("nan")
             pre = pre.to(DEV)
             bias = torch.randn(N, generator=g).to(dtype).to(DEV) if with_bias else None
-            v, i = C.topk_relu(pre, k, bias)
-            rv, ri = R.topk_relu(pre.cpu(), k, None if bias is None else bias.cpu())
+            v, i = cuda.topk_relu(pre, k, bias)
+            rv, ri = reference.topk_relu(pre.cpu(), k, None if bias is None else bias.cpu())
             assert torch.equal(i.cpu(), ri), f"topk indices differ: {dtype} M={M} N={N} k={k} {kind}"
             close(v, rv, f"topk values {dtype} {M} {N} {k}", tol=0)
 
@@ -61,26 +61,26 @@ def sparse_cases(g):
             W = torch.randn(N, D, generator=g).to(dtype).to(DEV)
             G = torch.randn(M, D, generator=g).to(dtype).to(DEV)
             bias = torch.randn(D, generator=g).to(dtype).to(DEV)
-            close(C.gather_matmul(values, indices, W, bias), R.gather_matmul(values, indices, W, bias), "gmm")
-            close(C.gather_dot(G, indices, W), R.gather_dot(G, indices, W), "gdot")
+            close(cuda.gather_matmul(values, indices, W, bias), reference.gather_matmul(values, indices, W, bias), "gmm")
+            close(cuda.gather_dot(G, indices, W), reference.gather_dot(G, indices, W), "gdot")
             for det in (False, True):
-                close(C.scatter_matmul(values, indices, G, N, det), R.scatter_matmul(values, indices, G, N), "scat")
+                close(cuda.scatter_matmul(values, indices, G, N, det), reference.scatter_matmul(values, indices, G, N), "scat")
             # Misaligned views (narrower vectors) and out-of-range indices (skipped, never read).
             Wv = torch.randn(N * D + 1, generator=g).to(dtype).to(DEV)[1:].view(N, D)
-            close(C.gather_matmul(values, indices, Wv), R.gather_matmul(values, indices, Wv), "gmm view")
+            close(cuda.gather_matmul(values, indices, Wv), reference.gather_matmul(values, indices, Wv), "gmm view")
             bad = indices.clone()
             bad[0, 0] = N
             bad[-1, -1] = -1
             keep = (bad >= 0) & (bad < N)
             safe, masked = torch.where(keep, bad, 0), values * keep
-            close(C.gather_matmul(values, bad, W), R.gather_matmul(masked, safe, W), "gmm bad")
-            close(C.gather_dot(G, bad, W)[keep], R.gather_dot(G, safe, W)[keep], "gdot bad")
+            close(cuda.gather_matmul(values, bad, W), reference.gather_matmul(masked, safe, W), "gmm bad")
+            close(cuda.gather_dot(G, bad, W)[keep], reference.gather_dot(G, safe, W)[keep], "gdot bad")
             for det in (False, True):
-                close(C.scatter_matmul(values, bad, G, N, det), R.scatter_matmul(masked, safe, G, N), "scat bad")
+                close(cuda.scatter_matmul(values, bad, G, N, det), reference.scatter_matmul(masked, safe, G, N), "scat bad")
 
 
 def main() -> int:
-    why = C.unavailable_reason()
+    why = cuda.unavailable_reason()
     if why is not None:
         print(f"sanitize_cuda_ops: cuda backend unavailable: {why}", file=sys.stderr)
         return 2
