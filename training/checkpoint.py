@@ -4,7 +4,7 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step_<N>/`` with
 
 * ``adapters.safetensors``: the adapter parameters under the model's state-dict names;
 * ``trainer.pt``: optimizer, scheduler, step, data position, every process's RNG states and the
-  adapters' dead-feature counters;
+  adapters' dead-feature counters (``training.train.trainer_state``);
 * ``config.json``: the run's configuration (for people; resuming uses the current configuration).
 
 It is written to a temporary directory that is renamed into place only when complete, so a crash

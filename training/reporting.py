@@ -67,6 +67,18 @@ def progress_bar(total, initial, enabled):
     return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, leave=True, mininterval=0.5)
 
 
+def show_step(bar, rec: dict, total_steps: int, print_line: bool, seconds: float):
+    """A training step's record on the progress bar; with no bar, a printed line when ``print_line``."""
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", bridge=f"{rec['bridge']:.4f}",
+                        nmse=f"{rec['nmse']:.4f}", l0=f"{rec['l0']:.1f}", refresh=False)
+    elif print_line:
+        print(f"step {rec['step']}/{total_steps}  loss {rec['loss']:.4f}  kl {rec['kl']:.4f}  "
+              f"bridge {rec['bridge']:.4f}  nmse {rec['nmse']:.4f}  sparsity {rec['sparsity']:.3f}  "
+              f"l0 {rec['l0']:.1f}  lr {rec['lr']:.2e}  {seconds:.0f}s", flush=True)
+
+
 def say(bar, msg):
     if bar is not None:
         bar.write(msg)

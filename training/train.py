@@ -13,6 +13,9 @@ clipping, AdamW on the adapter parameters only (float32), a cosine schedule with
 ``<output_dir>/metrics.jsonl`` and the progress bar; checkpoints every ``save_every`` steps; a
 non-finite loss or gradient stops the run and leaves the last good checkpoint in place. At the end:
 validation, sample generations, ``summary.json`` and the adapted model (``final_model/``, HF format).
+
+``_run`` is that loop: ``setup`` (a ``Trainer``), ``validate_at_start``, then per step ``train_step``,
+``log_step``, ``validate_periodically`` and ``write_checkpoint`` when due, and ``finish``.
 """
 from __future__ import annotations
 
@@ -22,16 +25,19 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from tckernels.nn.metrics import advance_tokens_since_fired_
 from training import checkpoint as ckpt
 from training.config import Config, ConfigError, help_text, load_config
 from training.data import DataError, ResumableBatches, load_records, load_tokenizer, prepare_examples
 from training.evaluate import sample_generations, validate
 from training.losses import BridgingObjective, sample_cutoffs
-from training.reporting import Reporter, progress_bar, report, say
+from training.reporting import Reporter, progress_bar, report, say, show_step
 
 
 class SetupError(RuntimeError):
@@ -76,6 +82,14 @@ class Dist:
             t = t.clone()
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t /= self.world
+        return t
+
+    def all_any(self, t: torch.Tensor) -> torch.Tensor:
+        """A bool tensor, True where it is True on any process."""
+        if self.enabled:
+            t = t.to(torch.int32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            t = t.bool()
         return t
 
     def barrier(self):
@@ -243,26 +257,42 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
 
 
 # --------------------------------------------------------------------------------------------------
-# the loop
+# the run: setup, then train_step after train_step (validating and checkpointing at their times),
+# then finish
 # --------------------------------------------------------------------------------------------------
-def run(cfg: Config) -> dict:
-    t_start = time.time()
-    try:
-        from transformers.utils import logging as hf_logging
+@dataclass
+class Trainer:
+    """One training run: what ``setup`` builds, and the state that each step advances (``step``,
+    ``tokens_seen``, ``silent_for``; with the optimizer, scheduler, data position and RNG states,
+    that is what a checkpoint keeps)."""
+    cfg: Config
+    pg: Dist
+    tokenizer: object
+    train_ex: list
+    val_ex: list
+    val_records: list  # the validation records as read (the sample generations prompt with them)
+    batches: ResumableBatches
+    adapted: torch.nn.Module
+    objective: BridgingObjective
+    model_for_step: torch.nn.Module  # the objective, or its DDP wrapper when there are several processes
+    params: list  # the adapter parameters: the only ones trained
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    # per layer and feature: training tokens (all processes) since it last fired (dead features)
+    silent_for: torch.Tensor
+    reporter: Optional[Reporter] = None  # made once the resumed step is known (it trims metrics.jsonl)
+    step: int = 0
+    tokens_seen: int = 0
+    start_eval: Optional[dict] = None  # the validation of the hybrid start; None until it has run
+    last_good: Optional[str] = None  # the newest checkpoint written (or resumed from): named if training diverges
+    t0: float = 0.0  # time.time() when this process began its training steps
 
-        hf_logging.disable_progress_bar()  # the per-model "Loading weights" bars
-    except ImportError:  # pragma: no cover
-        pass
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    pg = Dist(cfg)
-    try:
-        return _run(cfg, pg, t_start)
-    finally:
-        pg.close()
 
-
-def _run(cfg: Config, pg: Dist, t_start: float) -> dict:
+def setup(cfg: Config, pg: Dist) -> Trainer:
+    """Check the configuration, files and model pair, load the data and models, and build the
+    objective, optimizer and schedule; then resume from a checkpoint when asked. Every problem is
+    raised here, before any training."""
     device = pg.device
     preflight(cfg)
     resume_path = ckpt.resolve_resume(cfg.resume_from, cfg.output_dir)
@@ -286,16 +316,7 @@ def _run(cfg: Config, pg: Dist, t_start: float) -> dict:
     from tckernels.models import adapter_parameters
 
     params = adapter_parameters(adapted)  # in adapter_dtype (float32 by default) whatever the model's dtype
-    model_for_step = objective
-    if pg.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        trainable = {id(p) for p in params}
-        ignore = [f"adapted.{n}" for n, p in adapted.named_parameters() if id(p) not in trainable]
-        ignore += [f"adapted.{n}" for n, _ in adapted.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(objective, ignore)
-        model_for_step = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                             broadcast_buffers=False)
+    model_for_step = _data_parallel(objective, adapted, params, device) if pg.enabled else objective
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -303,167 +324,260 @@ def _run(cfg: Config, pg: Dist, t_start: float) -> dict:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, cfg.warmup_ratio,
                                                                        cfg.min_lr_ratio))
-    step, tokens_seen, start_eval = 0, 0, None
-    # per layer and feature: training tokens (all processes) since it last fired (dead features)
     silent_for = torch.zeros(objective.n_layers, cfg.n_features, dtype=torch.int64, device=device)
+    tr = Trainer(cfg=cfg, pg=pg, tokenizer=tokenizer, train_ex=train_ex, val_ex=val_ex, val_records=val_records,
+                 batches=batches, adapted=adapted, objective=objective, model_for_step=model_for_step,
+                 params=params, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
+                 silent_for=silent_for)
     if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, adapted)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        batches.load_state_dict(state["data"])
-        step, tokens_seen, start_eval = state["step"], state["tokens"], state.get("start_eval")
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[pg.rank] if pg.rank < len(rngs) else rngs[0])
-        silent_for.copy_(state["silent_for"])
-    reporter = Reporter(cfg, pg.main, step if resume_path is not None else None)
-    n_params = sum(p.numel() for p in params)
+        resume(tr, resume_path)
+    tr.reporter = Reporter(cfg, pg.main, tr.step if resume_path is not None else None)
     if pg.main:
+        n_params = sum(p.numel() for p in params)
         print(f"transcoder adapters: {objective.n_layers} layers x {cfg.n_features} features "
               f"({n_params / 1e6:.2f}M trainable), backbone {cfg.backbone}, {len(train_ex)} training / "
               f"{len(val_ex)} validation sequences, {total_steps} steps of {cfg.grad_accum_steps} x "
               f"{cfg.micro_batch_size} x {pg.world} sequences, device {device}"
-              + (f", resumed from {resume_path} at step {step}" if resume_path else ""), flush=True)
+              + (f", resumed from {resume_path} at step {tr.step}" if resume_path else ""), flush=True)
+    return tr
 
-    def do_validate(tag):
-        if not val_ex:
-            return None
-        v = validate(objective, val_ex, tokenizer.pad_token_id, cfg.val_batch_size, device, with_hybrid=True,
-                     dead_counters=silent_for, dead_after_tokens=cfg.dead_after_tokens)
-        reporter.log({"step": step, "split": "val", "when": tag, **v})
-        return v
 
-    if start_eval is None and pg.main:
-        start_eval = do_validate("start")
-        if start_eval:
-            print(f"validation at the start: KL(reference || hybrid) {start_eval['kl_hybrid']:.4f}, "
-                  f"top-1 agreement {100 * start_eval['top1_hybrid']:.1f}%", flush=True)
-    pg.barrier()
+def _data_parallel(objective, adapted, params, device):
+    """The objective wrapped in DDP, which syncs the adapter parameters' gradients only: the frozen
+    model weights and the buffers are the same on every process and never change."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    def trainer_state():
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "tokens": tokens_seen, "data": batches.state_dict(), "rng": rng_all,
-                "start_eval": start_eval, "silent_for": silent_for.cpu()}
+    trainable = {id(p) for p in params}
+    ignore = [f"adapted.{n}" for n, p in adapted.named_parameters() if id(p) not in trainable]
+    ignore += [f"adapted.{n}" for n, _ in adapted.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(objective, ignore)
+    return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
-    last_good = resume_path
-    bar = progress_bar(total_steps, step, pg.main and cfg.progress_bar)
-    text_every = max(1, total_steps // 20)  # progress lines when there is no bar (not a terminal)
-    L = objective.n_layers
-    t0 = time.time()
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints: what is saved (trainer_state) and restored (resume) side by side
+# --------------------------------------------------------------------------------------------------
+def trainer_state(tr: Trainer, rngs: list) -> dict:
+    """The checkpoint's ``trainer.pt`` (the adapters are saved on their own); ``rngs``: every
+    process's RNG states, by rank."""
+    return {"optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(), "step": tr.step,
+            "tokens": tr.tokens_seen, "data": tr.batches.state_dict(), "rng": rngs,
+            "start_eval": tr.start_eval, "silent_for": tr.silent_for.cpu()}
+
+
+def resume(tr: Trainer, path: str) -> None:
+    """Load checkpoint ``path`` into the adapters and ``tr``, so that training continues exactly
+    where it stopped."""
+    state = ckpt.load_checkpoint(path, tr.adapted)
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.scheduler.load_state_dict(state["scheduler"])
+    tr.batches.load_state_dict(state["data"])
+    tr.step, tr.tokens_seen, tr.start_eval = state["step"], state["tokens"], state.get("start_eval")
+    rngs = state["rng"]
+    # each process continues its own RNG streams; one the checkpoint has none for takes the first's
+    ckpt.set_rng_state(rngs[tr.pg.rank] if tr.pg.rank < len(rngs) else rngs[0])
+    tr.silent_for.copy_(state["silent_for"])
+    tr.last_good = path
+
+
+def write_checkpoint(tr: Trainer) -> None:
+    """Checkpoint step ``tr.step``: every process's RNG states are gathered, the main process writes."""
+    rngs = tr.pg.gather_objects(ckpt.rng_state())
+    if tr.pg.main:
+        tr.last_good = ckpt.save_checkpoint(tr.cfg.output_dir, tr.step, tr.adapted, trainer_state(tr, rngs),
+                                            tr.cfg.to_dict(), tr.cfg.keep_checkpoints)
+    tr.pg.barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# validation (on the main process)
+# --------------------------------------------------------------------------------------------------
+def validate_and_log(tr: Trainer, when: str) -> Optional[dict]:
+    """Validation metrics (``training/evaluate.py``), logged with ``when``; None without validation data."""
+    if not tr.val_ex:
+        return None
+    v = validate(tr.objective, tr.val_ex, tr.tokenizer.pad_token_id, tr.cfg.val_batch_size, tr.pg.device,
+                 with_hybrid=True, dead_counters=tr.silent_for, dead_after_tokens=tr.cfg.dead_after_tokens)
+    tr.reporter.log({"step": tr.step, "split": "val", "when": when, **v})
+    return v
+
+
+def validate_at_start(tr: Trainer) -> None:
+    """Validate the hybrid start, unless a resumed run already did."""
+    if tr.start_eval is None and tr.pg.main:
+        tr.start_eval = validate_and_log(tr, "start")
+        if tr.start_eval:
+            print(f"validation at the start: KL(reference || hybrid) {tr.start_eval['kl_hybrid']:.4f}, "
+                  f"top-1 agreement {100 * tr.start_eval['top1_hybrid']:.1f}%", flush=True)
+    tr.pg.barrier()
+
+
+def validate_periodically(tr: Trainer, bar) -> None:
+    """Every ``eval_every`` steps, except the last one (``finish`` validates after it)."""
+    cfg = tr.cfg
+    if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < tr.total_steps and tr.pg.main:
+        v = validate_and_log(tr, "periodic")
+        if v:
+            say(bar, f"step {tr.step}: validation KL {v['kl']:.4f} (hybrid {v['kl_hybrid']:.4f}), "
+                     f"top-1 {100 * v['top1']:.1f}%, L0 {v['l0']:.2f}")
+
+
+# --------------------------------------------------------------------------------------------------
+# one optimizer step
+# --------------------------------------------------------------------------------------------------
+def micro_batch_generator(cfg: Config, step: int, micro: int, rank: int) -> torch.Generator:
+    """The generator of micro-batch ``micro`` of optimizer step ``step`` (from 0) on process ``rank``:
+    seeded by these numbers alone, so a resumed run draws the same cut-offs as an uninterrupted one."""
+    return torch.Generator().manual_seed(
+        (cfg.seed * 1_000_003 + (step * cfg.grad_accum_steps + micro) * 7_919 + rank) % (2**63))
+
+
+def train_step(tr: Trainer) -> dict:
+    """One optimizer step: ``grad_accum_steps`` micro-batches (forward and backward), gradient
+    clipping, the step's numbers averaged over processes, the dead-feature counters, then (when
+    every number is finite; else TrainingDiverged) AdamW and the schedule. Returns the step's record."""
+    cfg, pg, device = tr.cfg, tr.pg, tr.pg.device
+    L = tr.objective.n_layers
+    tr.adapted.train()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss kl sparsity nmse bridge
+    l0_layers = torch.zeros(L, dtype=torch.float64, device=device)
+    step_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    fired = torch.zeros(L, cfg.n_features, dtype=torch.bool, device=device)
+    for micro in range(cfg.grad_accum_steps):
+        batch = {k: v.to(device) for k, v in tr.batches.next().items()}
+        cutoffs = sample_cutoffs(L, cfg.n_cutoffs, micro_batch_generator(cfg, tr.step, micro, pg.rank))
+        sync = contextlib.nullcontext()
+        if pg.enabled and micro < cfg.grad_accum_steps - 1:
+            sync = tr.model_for_step.no_sync()  # gradients are all-reduced once, after the last micro-batch
+        with sync:
+            out = tr.model_for_step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], cutoffs)
+            (out["loss"] / cfg.grad_accum_steps).backward()
+        n_tok = out["n_tokens"].double()
+        sums += torch.stack([out["loss"].detach().double(), out["kl"].double(), out["sparsity"].double(),
+                             out["nmse"].double(), out["bridge"].double()]) / cfg.grad_accum_steps
+        l0_layers += out["l0_layers"].double() * n_tok  # L0 is a mean over all real tokens
+        step_tokens += n_tok
+        fired |= out["fired"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+
+    # one all-reduce for every number of the step
+    vals = pg.all_mean(torch.cat([sums, l0_layers, step_tokens.reshape(1),
+                                  grad_norm.detach().double().reshape(1).to(device)]))
+    vals = vals.cpu().tolist()
+    loss, kl, s_term, nmse, bridge = vals[:5]
+    l0_per_layer = [x / max(vals[-2], 1e-9) for x in vals[5:5 + L]]
+    l0 = sum(l0_per_layer) / L
+    gn = vals[-1]
+    new_tokens = int(round(vals[-2] * pg.world))  # real tokens of every process
+    tr.tokens_seen += new_tokens
+    advance_tokens_since_fired_(tr.silent_for, pg.all_any(fired), new_tokens)
+
+    if not all(math.isfinite(x) for x in (loss, kl, s_term, nmse, bridge, gn)):
+        where = f"the last good checkpoint is {tr.last_good}" if tr.last_good else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {tr.step + 1} "
+            f"(loss {loss}, kl {kl}, sparsity {s_term}, nmse {nmse}, bridge {bridge}, grad norm {gn}); "
+            f"stopping without an optimizer step. {where}"
+            + (f" (resume with --resume_from {tr.last_good}, e.g. with a lower learning_rate)" if tr.last_good else ""))
+    lr = tr.scheduler.get_last_lr()[0]
+    tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.step += 1
+    return {"step": tr.step, "split": "train",
+            "epoch": round(tr.batches.epoch + tr.batches.offset / len(tr.train_ex), 4),
+            "lr": lr, "loss": loss, "kl": kl, "sparsity": s_term, "nmse": nmse, "bridge": bridge,
+            "grad_norm": gn, "l0": l0, "l0_layers": l0_per_layer, "tokens": tr.tokens_seen,
+            "elapsed_s": round(time.time() - tr.t0, 3)}
+
+
+def log_step(tr: Trainer, rec: dict, bar) -> None:
+    """The step's record to metrics.jsonl (every ``log_every`` steps and the last), and to the progress bar."""
+    cfg = tr.cfg
+    if rec["step"] % cfg.log_every == 0 or rec["step"] == tr.total_steps:
+        tr.reporter.log(rec)
+    text_every = max(1, tr.total_steps // 20)  # progress lines when there is no bar (not a terminal)
+    print_line = tr.pg.main and cfg.progress_bar and (rec["step"] % text_every == 0 or rec["step"] == tr.total_steps)
+    show_step(bar, rec, tr.total_steps, print_line, time.time() - tr.t0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------
+def run(cfg: Config) -> dict:
+    t_start = time.time()
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the per-model "Loading weights" bars
+    except ImportError:  # pragma: no cover
+        pass
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    pg = Dist(cfg)
+    try:
+        return _run(cfg, pg, t_start)
+    finally:
+        pg.close()
+
+
+def _run(cfg: Config, pg: Dist, t_start: float) -> dict:
+    tr = setup(cfg, pg)
+    validate_at_start(tr)
+    bar = progress_bar(tr.total_steps, tr.step, pg.main and cfg.progress_bar)
+    tr.t0 = time.time()
     halted = False
     try:
-        while step < total_steps:
-            adapted.train()
-            sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss kl sparsity nmse bridge
-            l0_layers = torch.zeros(L, dtype=torch.float64, device=device)
-            step_tokens = torch.zeros((), dtype=torch.float64, device=device)
-            fired = torch.zeros(L, cfg.n_features, dtype=torch.bool, device=device)
-            for micro in range(cfg.grad_accum_steps):
-                batch = {k: v.to(device) for k, v in batches.next().items()}
-                g = torch.Generator().manual_seed(
-                    (cfg.seed * 1_000_003 + (step * cfg.grad_accum_steps + micro) * 7_919 + pg.rank) % (2**63))
-                cutoffs = sample_cutoffs(L, cfg.n_cutoffs, g)
-                sync = contextlib.nullcontext()
-                if pg.enabled and micro < cfg.grad_accum_steps - 1:
-                    sync = model_for_step.no_sync()
-                with sync:
-                    out = model_for_step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], cutoffs)
-                    (out["loss"] / cfg.grad_accum_steps).backward()
-                n_tok = out["n_tokens"].double()
-                sums += torch.stack([out["loss"].detach().double(), out["kl"].double(), out["sparsity"].double(),
-                                     out["nmse"].double(), out["bridge"].double()]) / cfg.grad_accum_steps
-                l0_layers += out["l0_layers"].double() * n_tok  # L0 is a mean over all real tokens
-                step_tokens += n_tok
-                fired |= out["fired"]
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            vals = pg.all_mean(torch.cat([sums, l0_layers, step_tokens.reshape(1),
-                                          grad_norm.detach().double().reshape(1).to(device)]))
-            vals = vals.cpu().tolist()
-            loss, kl, s_term, nmse, bridge = vals[:5]
-            l0_per_layer = [x / max(vals[-2], 1e-9) for x in vals[5:5 + L]]
-            l0 = sum(l0_per_layer) / L
-            gn = vals[-1]
-            new_tokens = int(round(vals[-2] * pg.world))  # real tokens of every process
-            tokens_seen += new_tokens
-            if pg.enabled:
-                fired_any = fired.to(torch.int32)
-                dist.all_reduce(fired_any, op=dist.ReduceOp.MAX)
-                fired = fired_any.bool()
-            silent_for += new_tokens
-            silent_for.masked_fill_(fired, 0)
-            if not all(math.isfinite(x) for x in (loss, kl, s_term, nmse, bridge, gn)):
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise TrainingDiverged(
-                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step + 1} "
-                    f"(loss {loss}, kl {kl}, sparsity {s_term}, nmse {nmse}, bridge {bridge}, grad norm {gn}); "
-                    f"stopping without an optimizer step. {where}"
-                    + (f" (resume with --resume_from {last_good}, e.g. with a lower learning_rate)" if last_good else ""))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            rec = {"step": step, "split": "train", "epoch": round(batches.epoch + batches.offset / len(train_ex), 4),
-                   "lr": lr, "loss": loss, "kl": kl, "sparsity": s_term, "nmse": nmse, "bridge": bridge,
-                   "grad_norm": gn, "l0": l0, "l0_layers": l0_per_layer, "tokens": tokens_seen,
-                   "elapsed_s": round(time.time() - t0, 3)}
-            if step % cfg.log_every == 0 or step == total_steps:
-                reporter.log(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", kl=f"{kl:.4f}", bridge=f"{bridge:.4f}", nmse=f"{nmse:.4f}",
-                                l0=f"{l0:.1f}", refresh=False)
-            elif pg.main and cfg.progress_bar and (step % text_every == 0 or step == total_steps):
-                print(f"step {step}/{total_steps}  loss {loss:.4f}  kl {kl:.4f}  bridge {bridge:.4f}  "
-                      f"nmse {nmse:.4f}  sparsity {s_term:.3f}  l0 {l0:.1f}  lr {lr:.2e}  "
-                      f"{time.time() - t0:.0f}s", flush=True)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and pg.main:
-                v = do_validate("periodic")
-                if v:
-                    say(bar, f"step {step}: validation KL {v['kl']:.4f} (hybrid {v['kl_hybrid']:.4f}), "
-                              f"top-1 {100 * v['top1']:.1f}%, L0 {v['l0']:.2f}")
-            halted = cfg.halt_at_step is not None and step >= cfg.halt_at_step and step < total_steps
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or halted:
-                rng_all = pg.gather_objects(ckpt.rng_state())
-                if pg.main:
-                    last_good = ckpt.save_checkpoint(cfg.output_dir, step, adapted, trainer_state(), cfg.to_dict(),
-                                                     cfg.keep_checkpoints)
-                pg.barrier()
+        while tr.step < tr.total_steps:
+            rec = train_step(tr)
+            log_step(tr, rec, bar)
+            validate_periodically(tr, bar)
+            # halt_at_step stops early as an interruption would, leaving a checkpoint to resume from
+            halted = cfg.halt_at_step is not None and tr.step >= cfg.halt_at_step and tr.step < tr.total_steps
+            if (cfg.save_every and tr.step % cfg.save_every == 0) or tr.step == tr.total_steps or halted:
+                write_checkpoint(tr)
             if halted:
                 break
     finally:
         if bar is not None:
             bar.close()
+    return finish(tr, halted, t_start)
 
-    summary = {"steps": step, "total_steps": total_steps, "train_seconds": round(time.time() - t0, 1),
-               "tokens": tokens_seen, "dead_after_tokens": cfg.dead_after_tokens, "start": start_eval,
-               "checkpoint": last_good}
+
+def finish(tr: Trainer, halted: bool, t_start: float) -> dict:
+    """The run's summary. After the last step also (main process): the final validation, the sample
+    generations, the adapted model (``final_model/``), ``summary.json`` and the printed report."""
+    cfg, pg = tr.cfg, tr.pg
+    summary = {"steps": tr.step, "total_steps": tr.total_steps, "train_seconds": round(time.time() - tr.t0, 1),
+               "tokens": tr.tokens_seen, "dead_after_tokens": cfg.dead_after_tokens, "start": tr.start_eval,
+               "checkpoint": tr.last_good}
     if halted:
         if pg.main:
-            print(f"halted after step {step} of {total_steps} (halt_at_step); checkpoint {last_good}", flush=True)
+            print(f"halted after step {tr.step} of {tr.total_steps} (halt_at_step); checkpoint {tr.last_good}",
+                  flush=True)
         summary["halted"] = True
-        reporter.close()
+        tr.reporter.close()
         return summary
     if pg.main:
-        summary["final"] = do_validate("end")
-        if cfg.n_generations and val_records:
-            adapted.eval()
-            summary["generations"] = sample_generations(objective, tokenizer, val_records, cfg.chat_format,
+        summary["final"] = validate_and_log(tr, "end")
+        if cfg.n_generations and tr.val_records:
+            tr.adapted.eval()
+            summary["generations"] = sample_generations(tr.objective, tr.tokenizer, tr.val_records, cfg.chat_format,
                                                         cfg.n_generations, cfg.max_new_tokens, cfg.hesitation_word,
-                                                        device)
+                                                        pg.device)
         if cfg.save_final_model:
             out_dir = os.path.join(cfg.output_dir, "final_model")
-            adapted.save_pretrained(out_dir)
-            tokenizer.save_pretrained(out_dir)
+            tr.adapted.save_pretrained(out_dir)
+            tr.tokenizer.save_pretrained(out_dir)
             summary["final_model"] = out_dir
         summary["total_seconds"] = round(time.time() - t_start, 1)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         print(report(summary, cfg.hesitation_word), flush=True)
-        print(f"(metrics: {reporter.path}; summary: {os.path.join(cfg.output_dir, 'summary.json')}; "
+        print(f"(metrics: {tr.reporter.path}; summary: {os.path.join(cfg.output_dir, 'summary.json')}; "
               f"{summary['total_seconds']:.0f} s in all)", flush=True)
     pg.barrier()
-    reporter.close()
+    tr.reporter.close()
     return summary
 
 

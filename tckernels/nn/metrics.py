@@ -9,8 +9,9 @@ True marks a real token, False a padding token that must not count. Reductions r
   real target tokens.
 - :func:`l0`: mean number of active (nonzero) features per real token.
 - Dead features, counted in tokens: a per-feature counter of real tokens seen since the feature
-  last fired (:func:`update_tokens_since_fired_`); a feature is dead once its counter reaches
-  a threshold (:func:`dead_features`).
+  last fired (:func:`advance_tokens_since_fired_` given which features fired,
+  :func:`update_tokens_since_fired_` given a batch's activations); a feature is dead once its
+  counter reaches a threshold (:func:`dead_features`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ __all__ = [
     "fvu",
     "l0",
     "feature_fire_counts",
+    "advance_tokens_since_fired_",
     "update_tokens_since_fired_",
     "dead_features",
     "count_dead",
@@ -112,6 +114,22 @@ def feature_fire_counts(values: Tensor, indices: Tensor, n_features: int, mask: 
 
 
 @torch.no_grad()
+def advance_tokens_since_fired_(counter: Tensor, fired: Tensor, n_seen) -> Tensor:
+    """Advance a tokens-since-fired counter by ``n_seen`` real tokens (an int or a 0-d tensor) and
+    reset it to 0 where ``fired`` is True. ``counter`` is int64 of any shape (``[N]`` for one
+    layer, ``[L, N]`` for a model's layers); ``fired`` is bool of the same shape. In place;
+    returns it."""
+    if not isinstance(fired, Tensor) or fired.dtype != torch.bool:
+        raise TypeError(f"fired must be a bool tensor, got {getattr(fired, 'dtype', type(fired).__name__)}")
+    # masked_fill_ would broadcast a fired mask of another shape: refuse it rather than reset the wrong features
+    if fired.shape != counter.shape:
+        raise ValueError(f"fired must have the counter's shape {tuple(counter.shape)}, got {tuple(fired.shape)}")
+    counter.add_(n_seen)
+    counter.masked_fill_(fired, 0)
+    return counter
+
+
+@torch.no_grad()
 def update_tokens_since_fired_(
     counter: Tensor, values: Tensor, indices: Tensor, mask: Optional[Tensor] = None
 ) -> Tensor:
@@ -119,9 +137,7 @@ def update_tokens_since_fired_(
     and reset it to 0 for every feature active on at least one of them. In place; returns it."""
     fired = feature_fire_counts(values, indices, counter.shape[0], mask) > 0
     seen = n_tokens(values.shape[:-1], mask, device=counter.device).to(counter.device)
-    counter.add_(seen)
-    counter.masked_fill_(fired, 0)
-    return counter
+    return advance_tokens_since_fired_(counter, fired, seen)
 
 
 def dead_features(counter: Tensor, threshold: int) -> Tensor:

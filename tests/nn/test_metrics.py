@@ -72,6 +72,39 @@ def test_feature_fire_counts_and_dead_tracking():
     assert int(M.count_dead(c, 2)) == 6 and int(M.count_dead(c, 6)) == 0
 
 
+def test_advance_tokens_since_fired_per_feature_and_per_layer():
+    c = torch.tensor([0, 4, 7], dtype=torch.int64)
+    out = M.advance_tokens_since_fired_(c, torch.tensor([False, True, False]), 5)
+    assert out is c and c.tolist() == [5, 0, 12]
+    M.advance_tokens_since_fired_(c, torch.tensor([True, False, False]), torch.tensor(3))  # a 0-d count
+    assert c.tolist() == [0, 3, 15]
+
+    # [layers, features], as the training loop keeps it: each layer's features reset on their own
+    c2 = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int64)
+    fired = torch.tensor([[True, False, False], [False, False, True]])
+    M.advance_tokens_since_fired_(c2, fired, 10)
+    assert c2.tolist() == [[0, 12, 13], [14, 15, 0]]
+    assert M.dead_features(c2, 14).tolist() == [[False, False, False], [True, True, False]]
+    assert int(M.count_dead(c2, 13)) == 3
+
+    # the same as the counter a batch's activations advance
+    values = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    indices = torch.tensor([[0, 1], [1, 2], [0, 3]])
+    a, b = torch.full((5,), 9, dtype=torch.int64), torch.full((5,), 9, dtype=torch.int64)
+    M.update_tokens_since_fired_(a, values, indices)
+    M.advance_tokens_since_fired_(b, M.feature_fire_counts(values, indices, 5) > 0, 3)
+    assert a.tolist() == b.tolist() == [0, 12, 0, 12, 12]
+
+
+def test_advance_tokens_since_fired_refuses_a_mismatched_mask():
+    c = torch.zeros(2, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="counter's shape"):
+        M.advance_tokens_since_fired_(c, torch.zeros(3, dtype=torch.bool), 1)  # would broadcast over layers
+    with pytest.raises(TypeError, match="bool"):
+        M.advance_tokens_since_fired_(c, torch.zeros(2, 3, dtype=torch.int64), 1)
+    assert c.tolist() == [[0, 0, 0], [0, 0, 0]]
+
+
 def test_masked_mean_and_n_tokens():
     v = torch.arange(6.0).reshape(2, 3)
     mask = torch.tensor([[True, False, True], [False, False, True]])

@@ -63,6 +63,12 @@ def test_resume_logs_the_same_losses(micro, tmp_path):
     assert os.path.basename(ckpt.latest_checkpoint(str(part))) == "step_00000003"
     assert main(micro_args(micro, part, resume_from="latest", **args)) == 0
     assert _strip(read_metrics(part)) == _strip(read_metrics(full))
+    # the dead-feature counters resume too, and the end's dead counts are read from them
+    silent = [torch.load(os.path.join(ckpt.latest_checkpoint(str(d)), ckpt.TRAINER), weights_only=False)["silent_for"]
+              for d in (full, part)]
+    assert silent[0].shape == (2, 32) and torch.equal(silent[0], silent[1])
+    dead = [read_metrics(d, "val")[-1]["dead_layers"] for d in (full, part)]
+    assert dead[0] == dead[1] == (silent[0] >= 100).sum(-1).tolist()  # micro_args: dead_after_tokens 100
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path, monkeypatch, capsys):
