@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from tckernels.models import adapters_enabled, l0_per_layer, record_features
+from tckernels.nn.metrics import dead_features
 from training import forward_utils as fu
 from training.data import iterate_batches, prompt_ids
 from training.losses import kl_and_agreement, nmse_per_layer, sequence_weights
@@ -92,7 +93,7 @@ def validate(objective, examples: Sequence, pad_token_id: int, batch_size: int, 
         out.update({"kl_hybrid": acc["kl_h"] / n_seq, "top1_hybrid": acc["agree_h"] / n_pos,
                     "nmse_hybrid": float(nmse_h_sum.mean() / n_seq)})
     if dead_counters is not None and dead_after_tokens is not None:
-        dead = (dead_counters >= dead_after_tokens).sum(-1)
+        dead = dead_features(dead_counters, dead_after_tokens).sum(-1)
         out["dead_layers"] = [int(x) for x in dead]
         out["dead_fraction"] = float(dead.sum()) / dead_counters.numel()
     return out

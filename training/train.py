@@ -160,10 +160,9 @@ def _load_model(name: str, path: str, cfg: Config, device):
 def build_models(cfg: Config, device):
     """(adapted model, reference model). For ``backbone: target`` the adapted model is the reference
     with every MLP replaced by the base model's (the hybrid) plus adapters; for ``base`` it is the
-    base model plus adapters. Adapters start at the seed's initialisation (decoder 0), so the adapted
-    model starts exactly at its backbone."""
-    from tckernels.models import add_transcoder_adapters, build_hybrid
-    from tckernels.models.qwen2 import convert_to_transcoder_model, is_plain_qwen2_causal_lm
+    base model plus adapters. Adapters start at the original's initialisation (decoder 0), so the
+    adapted model starts exactly at its backbone."""
+    from tckernels.models import adapt_model, build_hybrid
 
     from training.forward_utils import check_compatible
 
@@ -179,10 +178,7 @@ def build_models(cfg: Config, device):
             adapted = build_hybrid(target, base, cfg.n_features, **adapter_kw)
             del base
         else:
-            if is_plain_qwen2_causal_lm(base):
-                adapted = convert_to_transcoder_model(base, cfg.n_features, **adapter_kw)
-            else:
-                adapted = add_transcoder_adapters(base, cfg.n_features, **adapter_kw)
+            adapted = adapt_model(base, cfg.n_features, **adapter_kw)
         reference = _load_model("reference_model", cfg.reference_model, cfg, device)
         check_compatible(adapted, reference)
     except (ValueError, TypeError) as e:
