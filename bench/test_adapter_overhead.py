@@ -11,11 +11,11 @@ F=8192, i.e. F/d ≈ 2.3, intermediate/d ≈ 5.3). Variants, all with the same b
 - ``off``: the adapter model with its adapters turned off;
 - ``sparse``: adapters on, trained-like sparsity (encoder bias set so that ≈ 8 features fire per
   token, as the paper's checkpoints with L0 0.1–10), decoder random: tckernels' sparse path;
-- ``init``: adapters on at the seed's initialisation (ReLU, about half the features active, so
+- ``init``: adapters on at the original's initialisation (ReLU, about half the features active, so
   the decoder runs dense);
 - ``topk``: the ``sparse`` weights with a TopK(8) activation instead of ReLU (the fused
   ``encode_topk`` op);
-- ``seed_dense``: the seed's own formula ``dec(relu(enc(x)))`` with two dense ``F.linear`` on the
+- ``seed_dense``: the original's own formula ``dec(relu(enc(x)))`` with two dense ``F.linear`` on the
   ``sparse`` weights, for comparison.
 
 Forward: no_grad, a [4, 128] batch. Generation: greedy, KV cache, batch 1, 16-token prompt,
@@ -134,7 +134,7 @@ def setup(request):
         with record_features(init) as rec:
             init(x)
         l0_init = {i: float(v) for i, v in l0_per_layer(rec).items()}
-        # sanity: the seed's formula and tckernels agree; off and the zero-decoder init are exact
+        # sanity: the original's formula and tckernels agree; off and the zero-decoder init are exact
         tol = 1e-3 if dtype == torch.float32 else 0.1
         torch.testing.assert_close(sparse(x).logits.float(), seed_dense(x).logits.float(), atol=tol, rtol=tol)
         assert torch.equal(off(x).logits, models["plain"](x).logits)

@@ -25,7 +25,7 @@ Per micro-batch, with ``L`` decoder layers, ``A`` the adapted model and ``R`` th
 How the tokens of a micro-batch are pooled (``reduction``): ``"token"`` (the original) takes every
 mean above over all the micro-batch's tokens together, so a long sequence weighs more than a short
 one; ``"sequence"`` takes each sequence's mean first and then the mean over sequences, so every
-sequence weighs the same. The two are equal at one sequence per micro-batch (the seed's setting).
+sequence weighs the same. The two are equal at one sequence per micro-batch (the original's setting).
 
 The KL is computed over chunks of ``kl_chunk_tokens`` positions by :class:`ChunkedKL`, which forms
 the logits of one chunk at a time and produces the gradient with respect to the hidden states in

@@ -1,8 +1,8 @@
-"""Bilinear (Hadamard) MLP replacements, as in the Pythia-410m bilinear transcoders (seed 004).
+"""Bilinear (Hadamard) MLP replacements, as in the Pythia-410m bilinear transcoders.
 
 Two layouts are provided:
 
-* :class:`BilinearTranscoder` is the ``Bilinear`` class published with the seed 004 checkpoints
+* :class:`BilinearTranscoder` is the ``Bilinear`` class published with those checkpoints
   (parameters ``W_left`` and ``W_right``, the names in the checkpoints' ``model_state_dict``).
 * :class:`BilinearMLP` is the layout of the original bilinear-MLP code: ``left``, ``right`` and
   ``head``, with forward ``head(left(x) ⊙ right(x))``.
@@ -21,7 +21,7 @@ __all__ = ["BilinearTranscoder", "BilinearMLP"]
 
 
 class BilinearTranscoder(nn.Module):
-    r"""The seed 004 ``Bilinear`` transcoder, computed without its ``[..., n_in, n_hidden]`` intermediate.
+    r"""The release's ``Bilinear`` transcoder, computed without its ``[..., n_in, n_hidden]`` intermediate.
 
     The published class is::
 

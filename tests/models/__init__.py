@@ -120,7 +120,7 @@ def dense_features(mlp, x, activation="relu", k=None):
 
 
 def by_hand(mlp, x, f=None, activation="relu", k=None):
-    """``mlp(x) + f @ W_decᵀ-style decode + b_dec`` with the seed's [d, F] decoder weight."""
+    """``mlp(x) + f @ W_decᵀ-style decode + b_dec`` with the original's [d, F] decoder weight."""
     if f is None:
         f = dense_features(mlp, x, activation, k)
     dec = f @ mlp.transcoder_dec.weight.double().t()
@@ -136,7 +136,7 @@ def assert_close(a, b, atol=1e-5, rtol=1e-5):
 
 
 def relu_reference_mlp_forward(enc_w, enc_b, dec_w, dec_b):
-    """A Qwen2MLP forward with the seed's branch written densely (``F.linear`` as in nn.Linear)."""
+    """A Qwen2MLP forward with the original's branch written densely (``F.linear`` as in nn.Linear)."""
 
     def forward(self, x):
         out = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

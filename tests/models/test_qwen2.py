@@ -1,4 +1,4 @@
-"""Qwen2ForCausalLMWithTranscoder: the seed 000 format, exactness, save/load, Auto classes, generate."""
+"""Qwen2ForCausalLMWithTranscoder: the transcoder-adapter release's format, exactness, save/load, Auto classes, generate."""
 import json
 import os
 import subprocess
@@ -47,7 +47,7 @@ D, L = TINY["hidden_size"], TINY["num_hidden_layers"]
 
 
 def seed_state_dict(plain, n_features=N_FEATURES, dec_bias=False, seed=3):
-    """A state dict written with the seed 000 key names, by hand: the plain model's tensors plus
+    """A state dict written with the release's key names, by hand: the plain model's tensors plus
     ``model.layers.{i}.mlp.transcoder_{enc,dec}.{weight,bias}`` (nn.Linear layouts)."""
     g = torch.Generator().manual_seed(seed)
     sd = {k: v.clone().contiguous() for k, v in plain.state_dict().items()}
@@ -62,7 +62,7 @@ def seed_state_dict(plain, n_features=N_FEATURES, dec_bias=False, seed=3):
 
 
 def reference_from_seed_sd(plain, sd, dec_bias):
-    """The plain model with every MLP's forward replaced by the seed's dense formula."""
+    """The plain model with every MLP's forward replaced by the original's dense formula."""
     for i, layer in enumerate(plain.model.layers):
         p = f"model.layers.{i}.mlp."
         fwd = relu_reference_mlp_forward(
@@ -95,7 +95,7 @@ def test_parameter_names_and_layout_are_the_seeds():
         assert mlp.W_dec.shape == (N_FEATURES, D) and mlp.W_dec.is_contiguous()  # row per feature, no copy
         assert mlp.W_dec.data_ptr() == mlp.transcoder_dec.weight.data_ptr()
     assert set(adapter_modules(model)) == set(range(L))
-    # the seed's defaults
+    # the original's defaults
     cfg = Qwen2TranscoderConfig(**TINY)
     assert cfg.transcoder_n_features == 512 and cfg.transcoder_dec_bias is False
     assert cfg.transcoder_activation == "relu" and cfg.model_type == "qwen2_transcoder"
@@ -120,7 +120,7 @@ def test_adapters_off_equal_plain_model():
 @torch.no_grad()
 def test_zero_decoder_equals_plain_model(dec_bias):
     plain = plain_qwen2()
-    model = adapted_qwen2(plain, randomize=False, transcoder_dec_bias=dec_bias)  # the seed's init
+    model = adapted_qwen2(plain, randomize=False, transcoder_dec_bias=dec_bias)  # the original's init
     x = ids()
     assert torch.equal(model(x).logits, plain(x).logits)
     randomize_adapters_(model)
@@ -159,8 +159,8 @@ def test_seed_state_dict_reproduces_the_formula_by_hand(dec_bias):
 
 @torch.no_grad()
 def test_seed_checkpoint_directory_loads_unchanged(tmp_path):
-    """A directory as the seed writes it: config.json with model_type 'qwen2' and the two
-    transcoder fields, model.safetensors with the seed's keys."""
+    """A directory as the release's code writes it: config.json with model_type 'qwen2' and the two
+    transcoder fields, model.safetensors with the original's keys."""
     plain = plain_qwen2()
     sd = seed_state_dict(plain, dec_bias=False)
     cfg = qwen2_config().to_dict()
@@ -473,13 +473,13 @@ def test_plain_qwen2_is_untouched_by_registration():
     assert type(AutoModelForCausalLM.from_config(qwen2_config())) is Qwen2ForCausalLM
 
 
-# ---- checkpoints in transformers 4.57 (the seed's pin) ---------------------------------------------
+# ---- checkpoints in transformers 4.57 (the original code's pin) ---------------------------------------------
 @pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 1e6},
                                   {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}],
                          ids=["theta1e6", "linear-scaling"])
 def test_saved_model_gives_the_same_logits_in_transformers_4_57(tmp_path, rope):
     """A saved adapter model, loaded by transformers 4.57.1 (released, in its own environment) with
-    the seed's branch added to each MLP, gives the logits tckernels computes. RoPE other than
+    the original's branch added to each MLP, gives the logits tckernels computes. RoPE other than
     theta 10000 is the case that breaks when the config holds it only in transformers 5's form."""
     from tests.peer_envs import run_script
 

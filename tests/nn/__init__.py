@@ -3,7 +3,7 @@ import torch
 
 
 class OriginalBilinear(torch.nn.Module):
-    """Seed 004's original code layout, written literally: head(left(x) * right(x)).
+    """The Pythia bilinear release's original code layout, written literally: head(left(x) * right(x)).
 
     ``head_bias`` defaults to ``bias``.
     """

@@ -6,7 +6,7 @@ from tests.nn import OriginalBilinear
 
 
 class PublishedBilinear(torch.nn.Module):
-    """Seed 004's ``Bilinear`` class, literally as published on the model card."""
+    """The Pythia bilinear release's ``Bilinear`` class, literally as published on the model card."""
 
     def __init__(self, n_inputs, n_hidden, n_outputs, bias=True):
         super().__init__()

@@ -1,9 +1,9 @@
-"""Run a saved transcoder-adapter model the way the seed's code does on transformers 4.x.
+"""Run a saved transcoder-adapter model the way the original code does on transformers 4.x.
 
     python seed_adapter_logits.py MODEL_DIR INPUTS.pt OUT.pt
 
 Loads MODEL_DIR with this environment's ``transformers.Qwen2ForCausalLM`` (its own reading of the
-config: RoPE, norms, heads) and adds to every layer's MLP the seed's branch,
+config: RoPE, norms, heads) and adds to every layer's MLP the original's branch,
 ``mlp(x) + transcoder_dec(relu(transcoder_enc(x)))``, from the checkpoint's ``transcoder_*``
 tensors in their saved layout (``transcoder_dec.weight`` is ``[d, F]``). Writes the logits of the
 input ids to OUT.pt and prints what the config was read as. Uses no tckernels code.
