@@ -5,9 +5,8 @@
 """
 from tckernels._backend import available_backends, use_backend
 from tckernels._native import has_cuda_kernels, warn_if_missing
+from tckernels._version import __version__
 from tckernels.ops import encode_relu, encode_topk, gather_dot, gather_matmul, scatter_matmul, sparse_decode, topk_relu
-
-__version__ = "0.1.0"
 
 warn_if_missing(stacklevel=2)
 

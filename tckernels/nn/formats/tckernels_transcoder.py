@@ -25,6 +25,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import Tensor
 
+from tckernels._version import __version__
 from tckernels.nn.errors import FormatError
 from tckernels.nn.formats.reading import read_safetensors
 from tckernels.nn.transcoder import Transcoder, TranscoderConfig
@@ -78,14 +79,12 @@ def save_transcoder(model: Transcoder, path: PathLike) -> None:
     """Save ``model`` to directory ``path`` (created if needed) as ``model.safetensors`` + ``config.json``."""
     if not isinstance(model, Transcoder):
         raise TypeError(f"save_transcoder expects a tckernels.nn.Transcoder, got {type(model).__name__}")
-    import tckernels
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "tckernels_version": getattr(tckernels, "__version__", "unknown"),
+        "tckernels_version": __version__,
         "dtype": _dtype_name(model.W_enc.dtype),
         "config": dataclasses.asdict(model.config),
     }
