@@ -17,11 +17,32 @@ if os.environ.get("TCK_BENCH_SMOKE") == "1":
 import tckernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# TCK_BENCH_RESULTS redirects the JSON files (e.g. to $OUT on a lent GPU machine). Smoke runs
-# measure nothing, so by default they stay out of bench/results.
-_DEFAULT_RESULTS = (Path(tempfile.gettempdir()) / "tckernels-bench-smoke" if os.environ.get("TCK_BENCH_SMOKE") == "1"
-                    else Path(__file__).parent / "results")
-RESULTS = Path(os.environ.get("TCK_BENCH_RESULTS", _DEFAULT_RESULTS))
+TRACKED_RESULTS = Path(__file__).parent / "results"
+_save = False
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--save", action="store_true", default=False,
+        help="write the benchmark JSON to bench/results/ (tracked in git); by default it goes to a scratch folder",
+    )
+
+
+def pytest_configure(config):
+    global _save
+    _save = bool(config.getoption("--save", default=False))
+
+
+def results_dir() -> Path:
+    """Where the JSON results go: $TCK_BENCH_RESULTS (e.g. $OUT on a lent GPU machine), else
+    bench/results/ with ``--save`` (the committed figures change only on purpose), else a scratch
+    folder. Smoke runs measure nothing and never write to bench/results/."""
+    if os.environ.get("TCK_BENCH_RESULTS"):
+        return Path(os.environ["TCK_BENCH_RESULTS"])
+    if _save and os.environ.get("TCK_BENCH_SMOKE") != "1":
+        return TRACKED_RESULTS
+    return Path(tempfile.gettempdir()) / ("tckernels-bench-smoke" if os.environ.get("TCK_BENCH_SMOKE") == "1"
+                                          else "tckernels-bench")
 
 
 def environment() -> dict:
@@ -86,8 +107,9 @@ def peak_in_subprocess(variant: str, device: str, **shape) -> int:
 
 
 def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / name
     # written aside, then renamed: a run killed mid-write leaves the previous complete file
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")

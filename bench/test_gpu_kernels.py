@@ -14,7 +14,7 @@ Figures and targets:
 A missed target is recorded as a miss; the run goes on. The fused encoder's first-call time
 (compilation + autotuning), plan, rows recomputed exactly and a float64 check of its selection
 are recorded as diagnostics (the check, being correctness, fails its test).
-Results: bench/results/gpu_kernels_<gpu>.json (or $TCK_BENCH_RESULTS/).
+Results: gpu_kernels_<gpu>.json in bench/results/ with ``--save``, $TCK_BENCH_RESULTS/ when set, else a scratch folder.
 
 pytest-benchmark's own timer is not used for the figures: it times the host, and these kernels
 run in 20 us to 20 ms on the device.

@@ -10,7 +10,7 @@ rounds (bench/gpu.py says how, and the quick and smoke modes):
 Targets: >= 3x faster than dense eager; >= 1.3x faster than sparsify (recorded as skipped, with
 the reason, when sparsify cannot be imported). The step runs as users run it: index range
 checks on. A missed target is recorded as a miss; the run goes on.
-Results: bench/results/gpu_transcoder_step_<gpu>.json (or $TCK_BENCH_RESULTS/).
+Results: gpu_transcoder_step_<gpu>.json in bench/results/ with ``--save``, $TCK_BENCH_RESULTS/ when set, else a scratch folder.
 """
 import os
 
