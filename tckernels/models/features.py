@@ -75,7 +75,7 @@ class FeatureRecorder:
         return hook
 
     def _check(self, layer: int) -> List[SparseActivations]:
-        check_layers([layer], self.layers, "layer")
+        check_layers([layer], self.layers, "layer", among="recorded layers")
         recs = self.records[layer]
         if not recs:
             raise RuntimeError(f"nothing was recorded at layer {layer} (no forward pass with its adapter on)")
@@ -158,17 +158,12 @@ def _recorder(features, what: str) -> FeatureRecorder:
 def _as_mask(mask: Optional[Tensor], lead, device) -> Optional[Tensor]:
     if mask is None:
         return None
-    if isinstance(mask, Tensor) and mask.dtype != torch.bool and not mask.is_floating_point():
-        mask = mask != 0  # an attention mask of 0/1
-    if isinstance(mask, Tensor):
-        mask = mask.to(device)
-    _metrics.check_mask(mask, lead, "mask")
-    return mask
+    return _metrics.check_mask(mask.to(device) if isinstance(mask, Tensor) else mask, lead, "mask").reshape(lead)
 
 
 def _layer_acts(rec: FeatureRecorder, mask, layers: Layers):
     """``{layer: (adapter, acts, mask on the acts' device)}`` for the recorded layers."""
-    chosen = check_layers(layers, rec.layers, "layers") if layers is not None else rec.layers
+    chosen = check_layers(layers, rec.layers, "layers", among="recorded layers") if layers is not None else rec.layers
     out = {}
     for i in chosen:
         if rec.records[i]:
@@ -244,7 +239,7 @@ def adapter_stats(
         out[f"l0/layer_{i}"] = v
     if l0s:
         out["l0"] = torch.stack([v.to(next(iter(l0s.values())).device) for v in l0s.values()]).mean()
-    chosen = check_layers(layers, rec.layers, "layers") if layers is not None else rec.layers
+    chosen = check_layers(layers, rec.layers, "layers", among="recorded layers") if layers is not None else rec.layers
     for t in dead_thresholds:
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
             raise ValueError(f"dead_thresholds must hold positive ints, got {t!r}")

@@ -53,8 +53,11 @@ def adapter_modules(model: nn.Module) -> Dict[int, TranscoderAdapterMLP]:
     return {i: layer.mlp for i, layer in enumerate(layers) if isinstance(layer.mlp, TranscoderAdapterMLP)}
 
 
-def check_layers(layers: Optional[Iterable[int]], available: Sequence[int], what: str = "layers") -> List[int]:
-    """Validate a layer selection against the available layer indices (None: all of them)."""
+def check_layers(
+    layers: Optional[Iterable[int]], available: Sequence[int], what: str = "layers", among: str = "layers with adapters"
+) -> List[int]:
+    """Validate a layer selection against the available layer indices (None: all of them);
+    ``among`` names what the available indices are, for the error message."""
     if layers is None:
         return list(available)
     if isinstance(layers, int) and not isinstance(layers, bool):
@@ -67,7 +70,7 @@ def check_layers(layers: Optional[Iterable[int]], available: Sequence[int], what
         if i not in avail:
             shown = sorted(avail)
             desc = f"{shown[0]}..{shown[-1]}" if shown and shown == list(range(shown[0], shown[-1] + 1)) else str(shown)
-            raise ValueError(f"{what}: unknown layer index {i}; layers with adapters: {desc if shown else 'none'}")
+            raise ValueError(f"{what}: unknown layer index {i}; {among}: {desc if shown else 'none'}")
         if i not in out:
             out.append(i)
     return out
@@ -112,7 +115,7 @@ def add_transcoder_adapters(
         )
     decoder = find_decoder_layers(model)
     n_layers = len(decoder)
-    selected = check_layers(layers, range(n_layers), "layers")
+    selected = check_layers(layers, range(n_layers), "layers", among=f"the model has {n_layers} decoder layers")
     cfg_hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if d_model is not None and isinstance(cfg_hidden, int) and d_model != cfg_hidden:
         raise ValueError(f"d_model = {d_model} does not match the model's hidden_size = {cfg_hidden}")

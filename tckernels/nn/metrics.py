@@ -1,7 +1,8 @@
 """Transcoder metrics, all restricted to real tokens when a mask is given.
 
-``mask`` is a bool tensor with the tokens' leading shape (``[...]`` for inputs ``[..., d]``);
-True marks a real token, False a padding token that must not count. Reductions run in float32
+``mask`` is a bool tensor with the tokens' leading shape (``[...]`` for inputs ``[..., d]``), or an
+integer one such as a Hugging Face attention mask; True (nonzero) marks a real token, False (0) a
+padding token that must not count. Reductions run in float32
 (float64 for float64 inputs) and return 0-d tensors, so nothing synchronises with the host.
 
 - :func:`mse`: mean squared error per element over real tokens.
@@ -40,14 +41,18 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 
 
 def check_mask(mask: Optional[Tensor], lead: torch.Size, name: str = "mask") -> Optional[Tensor]:
-    """Validate a token mask against the tokens' leading shape; returns it flattened to ``[M]``."""
+    """Validate a token mask against the tokens' leading shape; returns it as bool, flattened to
+    ``[M]``. A bool tensor, or an integer one such as a Hugging Face attention mask (nonzero: a
+    real token); float masks are refused (an additive ``-inf`` mask would read as all real)."""
     if mask is None:
         return None
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if not isinstance(mask, Tensor) or mask.is_floating_point() or mask.is_complex():
+        raise TypeError(
+            f"{name} must be a bool or integer (0/1) tensor, got {getattr(mask, 'dtype', type(mask).__name__)}"
+        )
     if tuple(mask.shape) != tuple(lead):
         raise ValueError(f"{name} must have the tokens' leading shape {tuple(lead)}, got {tuple(mask.shape)}")
-    return mask.reshape(-1)
+    return (mask if mask.dtype == torch.bool else mask != 0).reshape(-1)
 
 
 def masked_mean(per_token: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -63,7 +68,7 @@ def n_tokens(lead_or_tensor, mask: Optional[Tensor] = None, device=None) -> Tens
     """Number of real tokens (0-d int64): ``mask.sum()``, or the number of tokens of a leading
     shape (or of a per-token tensor) when there is no mask."""
     if mask is not None:
-        return mask.sum()
+        return (mask if mask.dtype == torch.bool else mask != 0).sum()
     if isinstance(lead_or_tensor, Tensor):
         shape, device = lead_or_tensor.shape, device or lead_or_tensor.device
     else:

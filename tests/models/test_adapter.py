@@ -94,9 +94,9 @@ def test_adapter_options_and_layers():
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="layers: layer 1 already has a transcoder adapter"):
         add_transcoder_adapters(model, 16, layers=[1])
-    with pytest.raises(ValueError, match="layers: unknown layer index 7"):
+    with pytest.raises(ValueError, match="layers: unknown layer index 7; the model has 3 decoder layers: 0..2"):
         add_transcoder_adapters(model, 16, layers=[7])
-    with pytest.raises(ValueError, match="layers: unknown layer index 0"):
+    with pytest.raises(ValueError, match="layers: unknown layer index 0; layers with adapters: 1"):
         remove_transcoder_adapters(model, layers=[0])
     with pytest.raises(ValueError, match="d_model = 48 does not match the model's hidden_size = 32"):
         add_transcoder_adapters(model, 16, layers=[0], d_model=48)

@@ -121,3 +121,22 @@ def test_bad_masks():
         M.fvu(y, t, mask[:, :3])
     with pytest.raises(ValueError, match="same shape"):
         M.mse(y, t[..., :3])
+
+
+def test_an_attention_mask_of_0_1_is_a_mask():
+    """A Hugging Face attention mask (int64 0/1) counts the same tokens as the bool mask; a float
+    mask is refused (an additive -inf mask would read as all real)."""
+    from tckernels.nn import Transcoder
+
+    torch.manual_seed(0)
+    tc = Transcoder(8, 32, activation="topk", k=4).train()
+    x = torch.randn(2, 5, 8)
+    attn = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    by_int = tc.forward_with_aux(x, mask=attn)
+    tc.tokens_since_fired.zero_()
+    by_bool = tc.forward_with_aux(x, mask=attn.bool())
+    for name in by_bool.losses:
+        assert torch.equal(by_int.losses[name], by_bool.losses[name]), name
+    assert int(by_int.metrics["n_tokens"]) == 8 == int(by_bool.metrics["n_tokens"])
+    with pytest.raises(TypeError, match=r"mask must be a bool or integer \(0/1\) tensor, got torch.float32"):
+        tc.forward_with_aux(x, mask=attn.float())
