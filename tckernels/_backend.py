@@ -4,10 +4,8 @@ Order of precedence: an explicit ``backend=`` argument > the innermost ``use_bac
 context > the ``TCK_BACKEND`` environment variable > the default for the tensor's device
 (CPU tensors: ``cpu``; CUDA tensors: the fastest measured GPU backend that is available).
 
-A backend is a module in ``tckernels.backends`` exposing ``topk_relu``, ``gather_matmul``,
-``gather_dot``, ``scatter_matmul`` and optionally ``encode_topk`` with the signatures and the
-conventions of ``tckernels.backends.reference`` (the specification), plus ``DEVICES``, the
-device types it runs on, and ``unavailable_reason()`` (None when usable).
+A backend is a module ``tckernels.backends.<name>`` that meets the interface
+``tckernels.backends.Backend``; ``load`` checks it on first use.
 """
 from __future__ import annotations
 
@@ -17,6 +15,8 @@ import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from tckernels.backends import Backend
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -43,15 +43,19 @@ def use_backend(name: str) -> Iterator[None]:
         _stack.pop()
 
 
-_modules: dict = {}
+_loaded: Dict[str, Backend] = {}
 
 
-def backend_module(name: str):
-    mod = _modules.get(name)
-    if mod is None:
-        mod = importlib.import_module(f"tckernels.backends.{name}")
-        _modules[name] = mod
-    return mod
+def load(name: str) -> Backend:
+    """Backend ``name``: its module imported and checked against the interface, once per process.
+
+    Raises ImportError when the module cannot be imported, TypeError when it does not meet the
+    interface (a bug in that backend, so never mistaken for "unavailable")."""
+    backend = _loaded.get(name)
+    if backend is None:
+        backend = Backend.from_module(name, importlib.import_module(f"tckernels.backends.{name}"))
+        _loaded[name] = backend
+    return backend
 
 
 _reasons: Dict[Tuple[str, str], Optional[str]] = {}
@@ -66,14 +70,14 @@ def unavailable_reason(name: str, device_type: str) -> Optional[str]:
     key = (name, device_type)
     if key not in _reasons:
         try:
-            mod = backend_module(name)
+            backend = load(name)
         except ImportError as exc:
             _reasons[key] = f"backend {name!r} cannot be imported: {exc}"
         else:
-            if device_type not in mod.DEVICES:
-                _reasons[key] = f"backend {name!r} runs on {', '.join(mod.DEVICES)} tensors, not {device_type}"
+            if device_type not in backend.devices:
+                _reasons[key] = f"backend {name!r} runs on {', '.join(backend.devices)} tensors, not {device_type}"
             else:
-                _reasons[key] = mod.unavailable_reason()
+                _reasons[key] = backend.unavailable_reason()
     return _reasons[key]
 
 

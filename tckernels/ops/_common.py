@@ -1,4 +1,4 @@
-"""Plumbing shared by the op files: backend dispatch inside a custom op and shape helpers."""
+"""Plumbing shared by the op files: the index check, index layout, shape helpers, encoder gradients."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,17 +6,30 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from tckernels import _backend, _checks
+from tckernels import _checks
 
 
-def backend_fn(backend: str, name: str):
-    return getattr(_backend.backend_module(backend), name)
+@torch.library.custom_op("tckernels::checked_indices", mutates_args=())
+def checked_indices(indices: Tensor, n: int) -> Tensor:
+    """``indices`` as a new int64 contiguous tensor, after raising ValueError unless they lie in [0, n).
+
+    The public wrappers route user indices through this op before any sparse op sees them, so the
+    sparse ops (and the backward passes, whose indices come from a checked forward or are in range
+    by construction) carry no check flag. It is an op, not a plain function, so torch.compile keeps
+    the data-dependent check out of the traced graph, and it returns the indices rather than nothing
+    so that the check cannot be pruned as dead code.
+    """
+    _checks.index_range(indices, n)
+    return indices.to(torch.int64, memory_format=torch.contiguous_format, copy=True)
 
 
-def prepare_indices(indices: Tensor, n: int, check: bool) -> Tensor:
-    """int64, contiguous, and (when checked) inside [0, n)."""
-    if check:
-        _checks.index_range(indices, n)
+@checked_indices.register_fake
+def _(indices, n):
+    return torch.empty_like(indices, dtype=torch.int64, memory_format=torch.contiguous_format)
+
+
+def int64_indices(indices: Tensor) -> Tensor:
+    """The index layout every backend takes (a no-op for indices from checked_indices)."""
     return indices.to(torch.int64).contiguous()
 
 
@@ -47,9 +60,9 @@ def sparse_encoder_grads(g: Tensor, indices: Tensor, x: Tensor, W: Tensor, has_b
     ops = torch.ops.tckernels
     d_x = d_W = d_b = None
     if needs[0]:
-        d_x = ops.gather_matmul(g, indices, W, None, backend, False)
+        d_x = ops.gather_matmul(g, indices, W, None, backend)
     if needs[1]:
-        d_W = ops.scatter_matmul(g, indices, x, n, det, backend, False)
+        d_W = ops.scatter_matmul(g, indices, x, n, det, backend)
     if has_bias and needs[2]:
-        d_b = ops.scatter_matmul(g, indices, g.new_ones(g.shape[0], 1), n, det, backend, False).reshape(n)
+        d_b = ops.scatter_matmul(g, indices, g.new_ones(g.shape[0], 1), n, det, backend).reshape(n)
     return d_x, d_W, d_b

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from tckernels import _backend, _checks
+from tckernels.backends import reference
 from tckernels.ops import _common
 
 
@@ -22,15 +23,13 @@ from tckernels.ops import _common
 def encode_relu_op(
     x: Tensor, W: Tensor, b: Optional[Tensor], k_max: int, threshold: Optional[Tensor], threshold_value: float, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    mod = _backend.backend_module(backend)
+    impl = _backend.load(backend)
     x, W, b = x.contiguous(), W.contiguous(), _common.contiguous(b)
     thr = threshold.contiguous() if threshold is not None else threshold_value
-    fused = getattr(mod, "encode_relu", None)
-    if fused is not None:
-        values, indices, counts = fused(x, W, b, k_max, thr)
+    if impl.encode_relu is not None:
+        values, indices, counts = impl.encode_relu(x, W, b, k_max, thr)
     else:  # GEMM, then this backend's top-k select on the thresholded pre-activations
-        reference = _backend.backend_module("reference")
-        values, indices, counts = reference.encode_relu(x, W, b, k_max, thr, select=mod.topk_relu)
+        values, indices, counts = reference.encode_relu(x, W, b, k_max, thr, select=impl.topk_relu)
     return values, indices, counts.to(torch.int64)
 
 

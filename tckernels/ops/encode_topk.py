@@ -18,12 +18,11 @@ from tckernels.ops import _common
 
 @torch.library.custom_op("tckernels::encode_topk", mutates_args=())
 def encode_topk_op(x: Tensor, W: Tensor, b: Optional[Tensor], k: int, backend: str) -> Tuple[Tensor, Tensor]:
-    mod = _backend.backend_module(backend)
+    impl = _backend.load(backend)
     x, W, b = x.contiguous(), W.contiguous(), _common.contiguous(b)
-    fused = getattr(mod, "encode_topk", None)
-    if fused is not None:
-        return fused(x, W, b, k)
-    return mod.topk_relu(x @ W.t(), k, b)
+    if impl.encode_topk is not None:
+        return impl.encode_topk(x, W, b, k)
+    return impl.topk_relu(x @ W.t(), k, b)
 
 
 @encode_topk_op.register_fake

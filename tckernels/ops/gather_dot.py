@@ -14,19 +14,17 @@ from tckernels.ops import _common
 
 
 @torch.library.custom_op("tckernels::gather_dot", mutates_args=())
-def gather_dot_op(G: Tensor, indices: Tensor, W: Tensor, backend: str, check: bool) -> Tensor:
-    indices = _common.prepare_indices(indices, W.shape[0], check)
-    fn = _common.backend_fn(backend, "gather_dot")
-    return fn(G.contiguous(), indices, W.contiguous())
+def gather_dot_op(G: Tensor, indices: Tensor, W: Tensor, backend: str) -> Tensor:
+    return _backend.load(backend).gather_dot(G.contiguous(), _common.int64_indices(indices), W.contiguous())
 
 
 @gather_dot_op.register_fake
-def _(G, indices, W, backend, check):
+def _(G, indices, W, backend):
     return G.new_empty(indices.shape)
 
 
 def _setup(ctx, inputs, output):
-    G, indices, W, backend, _check = inputs
+    G, indices, W, backend = inputs
     ctx.save_for_backward(G, indices, W)
     ctx.backend = backend
 
@@ -36,12 +34,10 @@ def _backward(ctx, grad):
     grad = grad.contiguous()
     d_G = d_W = None
     if ctx.needs_input_grad[0]:
-        d_G = torch.ops.tckernels.gather_matmul(grad, indices, W, None, ctx.backend, False)
+        d_G = torch.ops.tckernels.gather_matmul(grad, indices, W, None, ctx.backend)
     if ctx.needs_input_grad[2]:
-        d_W = torch.ops.tckernels.scatter_matmul(
-            grad, indices, G, W.shape[0], _common.deterministic(), ctx.backend, False
-        )
-    return d_G, None, d_W, None, None
+        d_W = torch.ops.tckernels.scatter_matmul(grad, indices, G, W.shape[0], _common.deterministic(), ctx.backend)
+    return d_G, None, d_W, None
 
 
 torch.library.register_autograd("tckernels::gather_dot", _backward, setup_context=_setup)
@@ -61,5 +57,6 @@ def gather_dot(G: Tensor, indices: Tensor, W: Tensor, *, backend: Optional[str] 
             f"indices must have the leading shape of G {tuple(G.shape[:-1])}, got {tuple(indices.shape)}"
         )
     name = _backend.resolve(backend, W.device.type)
-    out = gather_dot_op(_common.flat2d(G), _common.flat2d(indices), W, name, True)
+    checked = _common.checked_indices(_common.flat2d(indices), W.shape[0])
+    out = gather_dot_op(_common.flat2d(G), checked, W, name)
     return out.reshape(indices.shape)

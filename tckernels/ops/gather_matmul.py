@@ -14,21 +14,19 @@ from tckernels.ops import _common
 
 
 @torch.library.custom_op("tckernels::gather_matmul", mutates_args=())
-def gather_matmul_op(
-    values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tensor], backend: str, check: bool
-) -> Tensor:
-    indices = _common.prepare_indices(indices, W.shape[0], check)
-    fn = _common.backend_fn(backend, "gather_matmul")
-    return fn(values.contiguous(), indices, W.contiguous(), _common.contiguous(bias))
+def gather_matmul_op(values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    return _backend.load(backend).gather_matmul(
+        values.contiguous(), _common.int64_indices(indices), W.contiguous(), _common.contiguous(bias)
+    )
 
 
 @gather_matmul_op.register_fake
-def _(values, indices, W, bias, backend, check):
+def _(values, indices, W, bias, backend):
     return W.new_empty(values.shape[0], W.shape[1])
 
 
 def _setup(ctx, inputs, output):
-    values, indices, W, bias, backend, _check = inputs
+    values, indices, W, bias, backend = inputs
     ctx.save_for_backward(values, indices, W)
     ctx.backend = backend
 
@@ -38,14 +36,14 @@ def _backward(ctx, grad):
     grad = grad.contiguous()
     d_values = d_W = d_bias = None
     if ctx.needs_input_grad[0]:
-        d_values = torch.ops.tckernels.gather_dot(grad, indices, W, ctx.backend, False)
+        d_values = torch.ops.tckernels.gather_dot(grad, indices, W, ctx.backend)
     if ctx.needs_input_grad[2]:
         d_W = torch.ops.tckernels.scatter_matmul(
-            values, indices, grad, W.shape[0], _common.deterministic(), ctx.backend, False
+            values, indices, grad, W.shape[0], _common.deterministic(), ctx.backend
         )
     if ctx.needs_input_grad[3]:
         d_bias = grad.sum(0, dtype=torch.promote_types(grad.dtype, torch.float32)).to(grad.dtype)
-    return d_values, None, d_W, d_bias, None, None
+    return d_values, None, d_W, d_bias, None
 
 
 torch.library.register_autograd("tckernels::gather_matmul", _backward, setup_context=_setup)
@@ -71,5 +69,6 @@ def gather_matmul(
     """``out[m] = Σ_j values[m,j]·W[indices[m,j]] (+ bias)``; values/indices [..., k], W [N, D] -> [..., D]."""
     check_args(values, indices, W, bias)
     name = _backend.resolve(backend, W.device.type)
-    out = gather_matmul_op(_common.flat2d(values), _common.flat2d(indices), W, bias, name, True)
+    checked = _common.checked_indices(_common.flat2d(indices), W.shape[0])
+    out = gather_matmul_op(_common.flat2d(values), checked, W, bias, name)
     return out.reshape(*values.shape[:-1], W.shape[1])

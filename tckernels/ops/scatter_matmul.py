@@ -15,20 +15,20 @@ from tckernels.ops import _common
 
 @torch.library.custom_op("tckernels::scatter_matmul", mutates_args=())
 def scatter_matmul_op(
-    values: Tensor, indices: Tensor, G: Tensor, n_rows: int, deterministic: bool, backend: str, check: bool
+    values: Tensor, indices: Tensor, G: Tensor, n_rows: int, deterministic: bool, backend: str
 ) -> Tensor:
-    indices = _common.prepare_indices(indices, n_rows, check)
-    fn = _common.backend_fn(backend, "scatter_matmul")
-    return fn(values.contiguous(), indices, G.contiguous(), n_rows, deterministic)
+    return _backend.load(backend).scatter_matmul(
+        values.contiguous(), _common.int64_indices(indices), G.contiguous(), n_rows, deterministic
+    )
 
 
 @scatter_matmul_op.register_fake
-def _(values, indices, G, n_rows, deterministic, backend, check):
+def _(values, indices, G, n_rows, deterministic, backend):
     return G.new_empty(n_rows, G.shape[1])
 
 
 def _setup(ctx, inputs, output):
-    values, indices, G, _n, deterministic, backend, _check = inputs
+    values, indices, G, _n, _deterministic, backend = inputs
     ctx.save_for_backward(values, indices, G)
     ctx.backend = backend
 
@@ -39,11 +39,11 @@ def _backward(ctx, grad):
     d_values = d_G = None
     if ctx.needs_input_grad[0]:
         # d values[m, j] = <grad[indices[m, j]], G[m]>
-        d_values = torch.ops.tckernels.gather_dot(G, indices, grad, ctx.backend, False)
+        d_values = torch.ops.tckernels.gather_dot(G, indices, grad, ctx.backend)
     if ctx.needs_input_grad[2]:
         # d G[m] = sum_j values[m, j] * grad[indices[m, j]]
-        d_G = torch.ops.tckernels.gather_matmul(values, indices, grad, None, ctx.backend, False)
-    return d_values, None, d_G, None, None, None, None
+        d_G = torch.ops.tckernels.gather_matmul(values, indices, grad, None, ctx.backend)
+    return d_values, None, d_G, None, None, None
 
 
 torch.library.register_autograd("tckernels::scatter_matmul", _backward, setup_context=_setup)
@@ -75,6 +75,5 @@ def scatter_matmul(
             f"G must have the leading shape of values {tuple(values.shape[:-1])}, got {tuple(G.shape)}"
         )
     name = _backend.resolve(backend, G.device.type)
-    return scatter_matmul_op(
-        _common.flat2d(values), _common.flat2d(indices), _common.flat2d(G), n_rows, bool(deterministic), name, True
-    )
+    checked = _common.checked_indices(_common.flat2d(indices), n_rows)
+    return scatter_matmul_op(_common.flat2d(values), checked, _common.flat2d(G), n_rows, bool(deterministic), name)

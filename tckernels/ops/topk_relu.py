@@ -16,8 +16,7 @@ from tckernels.ops import _common
 
 @torch.library.custom_op("tckernels::topk_relu", mutates_args=())
 def topk_relu_op(pre: Tensor, k: int, bias: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    fn = _common.backend_fn(backend, "topk_relu")
-    return fn(pre.contiguous(), k, _common.contiguous(bias))
+    return _backend.load(backend).topk_relu(pre.contiguous(), k, _common.contiguous(bias))
 
 
 @topk_relu_op.register_fake

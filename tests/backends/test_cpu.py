@@ -260,7 +260,8 @@ def test_scatter_matmul_hot_feature():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_IDS.get)
-def test_bit_identical_runs_and_thread_counts(dtype):
+@pytest.mark.parametrize("op", ["topk_relu", "gather_matmul", "gather_dot", "scatter_matmul"])
+def test_bit_identical_runs_and_thread_counts(op, dtype):
     g = _gen("det", dtype)
     M, k, N, D = 512, 16, 997, 96
     values, indices = _sparse(M, k, N, D, dtype, g)
@@ -268,15 +269,13 @@ def test_bit_identical_runs_and_thread_counts(dtype):
     G = _randn((M, D), dtype, g)
     W = _randn((N, D), dtype, g)
     pre = _randn((M, N), dtype, g)
-
-    def run():
-        return [
-            *C.topk_relu(pre, k, W[:, 0].contiguous()),
-            C.gather_matmul(values, indices, W, G[0].contiguous()),
-            C.gather_dot(G, indices, W),
-            C.scatter_matmul(values, indices, G, N, True),
-            C.scatter_matmul(values, indices, G, N, False),
-        ]
+    run = {
+        "topk_relu": lambda: list(C.topk_relu(pre, k, W[:, 0].contiguous())),
+        "gather_matmul": lambda: [C.gather_matmul(values, indices, W, G[0].contiguous())],
+        "gather_dot": lambda: [C.gather_dot(G, indices, W)],
+        "scatter_matmul": lambda: [C.scatter_matmul(values, indices, G, N, True),
+                                   C.scatter_matmul(values, indices, G, N, False)],
+    }[op]
 
     first = run()
     for n in (1, 2, 3, 8):
@@ -290,7 +289,7 @@ def test_bit_identical_runs_and_thread_counts(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS.get)
-def test_half_load_store_every_value(dtype):
+def test_gather_matmul_and_scatter_matmul_load_and_store_every_half_value(dtype):
     """out = 1 * W[n] reads every 16-bit pattern into float32 and rounds it back unchanged."""
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     W = bits.view(dtype).reshape(-1, 1).contiguous()
@@ -310,7 +309,7 @@ def test_half_load_store_every_value(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS.get)
-def test_half_rounding_matches_torch(dtype):
+def test_topk_relu_half_rounding_matches_torch(dtype):
     """float32 -> half rounding (nearest even, overflow, subnormals) equals torch's .to(dtype)."""
     g = _gen("round", dtype)
     a = torch.cat([
@@ -329,7 +328,8 @@ def test_half_rounding_matches_torch(dtype):
 # defence in depth: bad indices are skipped, bad arguments raise ValueError
 
 
-def test_out_of_range_indices_are_skipped():
+@pytest.mark.parametrize("op", ["gather_matmul", "gather_dot", "scatter_matmul"])
+def test_out_of_range_indices_are_skipped(op):
     g = _gen("bad")
     M, k, N, D = 6, 5, 11, 9
     values = _randn((M, k), torch.float32, g)
@@ -341,28 +341,37 @@ def test_out_of_range_indices_are_skipped():
     W = _randn((N, D), torch.float32, g)
     G = _randn((M, D), torch.float32, g)
     dropped = values.masked_fill(bad, 0.0)
-    torch.testing.assert_close(C.gather_matmul(values, wild, W), R.gather_matmul(dropped, indices, W))
-    gd = C.gather_dot(G, wild, W)
-    torch.testing.assert_close(gd, R.gather_dot(G, indices, W).masked_fill(bad, 0.0))
-    torch.testing.assert_close(C.scatter_matmul(values, wild, G, N), R.scatter_matmul(dropped, indices, G, N))
+    if op == "gather_matmul":
+        torch.testing.assert_close(C.gather_matmul(values, wild, W), R.gather_matmul(dropped, indices, W))
+    elif op == "gather_dot":
+        torch.testing.assert_close(C.gather_dot(G, wild, W), R.gather_dot(G, indices, W).masked_fill(bad, 0.0))
+    else:
+        torch.testing.assert_close(C.scatter_matmul(values, wild, G, N), R.scatter_matmul(dropped, indices, G, N))
 
 
-def test_bad_arguments_raise_value_error():
+def _raises(match, fn, *args):
+    with pytest.raises(ValueError, match=match):
+        fn(*args)
+
+
+@pytest.mark.parametrize("op", ["topk_relu", "gather_matmul", "gather_dot", "scatter_matmul"])
+def test_bad_arguments_raise_value_error(op):
     x = torch.randn(4, 6)
-    with pytest.raises(ValueError, match="^cpu backend: pre must be contiguous$"):
-        C.topk_relu(x.t(), 2)
-    with pytest.raises(ValueError, match=r"^cpu backend: k must satisfy 0 <= k <= N=6, got 7$"):
-        C.topk_relu(x, 7)
-    with pytest.raises(ValueError, match=r"^cpu backend: bias must have dtype torch.float32, got torch.float64$"):
-        C.topk_relu(x, 2, torch.randn(6, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"^cpu backend: indices must have dtype torch.int64, got torch.int32$"):
-        C.gather_matmul(torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.int32), x)
-    with pytest.raises(ValueError, match=r"^cpu backend: W must have 5 columns like G, got shape \(4, 6\)$"):
-        C.gather_dot(torch.randn(4, 5), torch.zeros(4, 2, dtype=torch.int64), x)
-    with pytest.raises(ValueError, match=r"^cpu backend: values must have shape \(4, 2\), got \(4, 3\)$"):
-        C.scatter_matmul(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), x, 6)
-    # the native layer checks too, and its std::invalid_argument arrives as ValueError
-    with pytest.raises(ValueError, match="k must satisfy"):
-        _native._C.cpu_topk_relu(x.data_ptr(), 0, 0, 0, 4, 6, 7, 0, 1)
-    with pytest.raises(ValueError, match="dtype"):
-        _native._C.cpu_gather_dot(x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 1, 1, 1, 9, 1)
+    if op == "topk_relu":
+        _raises("^cpu backend: pre must be contiguous$", C.topk_relu, x.t(), 2)
+        _raises(r"^cpu backend: k must satisfy 0 <= k <= N=6, got 7$", C.topk_relu, x, 7)
+        _raises(r"^cpu backend: bias must have dtype torch.float32, got torch.float64$",
+                C.topk_relu, x, 2, torch.randn(6, dtype=torch.float64))
+        # the native layer checks too, and its std::invalid_argument arrives as ValueError
+        _raises("k must satisfy", _native._C.cpu_topk_relu, x.data_ptr(), 0, 0, 0, 4, 6, 7, 0, 1)
+    elif op == "gather_matmul":
+        _raises(r"^cpu backend: indices must have dtype torch.int64, got torch.int32$",
+                C.gather_matmul, torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.int32), x)
+    elif op == "gather_dot":
+        _raises(r"^cpu backend: W must have 5 columns like G, got shape \(4, 6\)$",
+                C.gather_dot, torch.randn(4, 5), torch.zeros(4, 2, dtype=torch.int64), x)
+        _raises("dtype", _native._C.cpu_gather_dot, x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(),
+                1, 1, 1, 1, 9, 1)
+    else:
+        _raises(r"^cpu backend: values must have shape \(4, 2\), got \(4, 3\)$",
+                C.scatter_matmul, torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), x, 6)

@@ -89,7 +89,7 @@ TOPK_NK += [(131072, 1), (131072, 8), (131072, 64)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("N,k", TOPK_NK)
 @pytest.mark.parametrize("M", [0, 1, 7, 300])
-def test_topk_random(M, N, k, dtype, bias):
+def test_topk_relu_random(M, N, k, dtype, bias):
     g = _gen("topk", M, N, k, str(dtype), bias)
     pre = _randn((M, N), dtype, g)
     b = _randn((N,), dtype, g) if bias else None
@@ -98,7 +98,7 @@ def test_topk_random(M, N, k, dtype, bias):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("N,k", [(97, 8), (4099, 64), (4099, 1000), (131072, 64), (131072, 1024)])
-def test_topk_ties(N, k, dtype):
+def test_topk_relu_ties(N, k, dtype):
     # Integer values in a small range: thousands of exact ties, decided by the lower index.
     g = _gen("ties", N, k, str(dtype))
     pre = torch.randint(-3, 4, (5, N), generator=g).to(dtype).to(DEV)
@@ -111,7 +111,7 @@ def test_topk_ties(N, k, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("N,k", [(50, 8), (4099, 64), (131072, 64)])
-def test_topk_nan_inf_zero_and_few_positives(N, k, dtype):
+def test_topk_relu_nan_inf_zero_and_few_positives(N, k, dtype):
     g = _gen("nan", N, k, str(dtype))
     pre = torch.randn(8, N, generator=g)
     pre[0] = float("nan")  # all NaN: NaN values, first k indices
@@ -136,7 +136,7 @@ def test_topk_nan_inf_zero_and_few_positives(N, k, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_IDS.get)
 @pytest.mark.parametrize("order", ["ascending", "descending", "sawtooth"])
 @pytest.mark.parametrize("k", [1, 64, 1024, 4096])
-def test_topk_adversarial_order(order, k, dtype):
+def test_topk_relu_adversarial_order(order, k, dtype):
     # An ascending row makes every entry beat the running threshold: compaction after compaction.
     N = 65536
     base = torch.arange(N, dtype=torch.float32) / N - 0.25
@@ -149,7 +149,7 @@ def test_topk_adversarial_order(order, k, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-def test_topk_misaligned_rows_and_bias(dtype):
+def test_topk_relu_misaligned_rows_and_bias(dtype):
     # Odd N and a storage offset: rows and bias start at every alignment (scalar head + vectors).
     g = _gen("align", str(dtype))
     big = torch.randn(7 * 3001 + 5, generator=g).to(dtype).to(DEV)
@@ -163,7 +163,7 @@ def test_topk_misaligned_rows_and_bias(dtype):
 
 
 @pytest.mark.parametrize("k", [1024, 4096])
-def test_topk_huge_row(k):
+def test_topk_relu_huge_row(k):
     g = _gen("huge", k)
     N = 1 << 20
     pre = _randn((2, N), torch.bfloat16, g)
@@ -171,13 +171,13 @@ def test_topk_huge_row(k):
     _check_topk(pre, k, bias)
 
 
-def test_topk_large_k_falls_back_to_reference():
+def test_topk_relu_large_k_falls_back_to_reference():
     g = _gen("bigk")
     pre = _randn((3, 9000), torch.float32, g)
     _check_topk(pre, 5000, None)
 
 
-def test_topk_float64_uses_reference():
+def test_topk_relu_float64_uses_reference():
     g = _gen("f64")
     pre = _randn((4, 300), torch.float64, g)
     _check_topk(pre, 17, _randn((300,), torch.float64, g))
@@ -277,7 +277,7 @@ def test_scatter_matmul(M, N, k, D, dtype, deterministic):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
 @pytest.mark.parametrize("D", [1, 3, 768])
-def test_scatter_deterministic_is_bit_identical(D, dtype):
+def test_scatter_matmul_deterministic_is_bit_identical(D, dtype):
     # Heavy collisions (16 features, 32768 pairs): an atomic sum would vary from run to run.
     g = _gen("bits", D, str(dtype))
     M, k, N = 4096, 8, 16
@@ -292,7 +292,7 @@ def test_scatter_deterministic_is_bit_identical(D, dtype):
     _assert_within(first, exact, _tol(exact, abs_sum, counts, dtype), "deterministic scatter")
 
 
-def test_scatter_rows_beyond_used_features_are_zero():
+def test_scatter_matmul_rows_beyond_used_features_are_zero():
     g = _gen("zeros")
     values, _, _ = _sparse(5, 3, 10, 8, torch.float32, g)
     indices = torch.randint(0, 4, (5, 3), generator=g).to(DEV)  # features 4..99 unused
@@ -302,7 +302,8 @@ def test_scatter_rows_beyond_used_features_are_zero():
         assert torch.equal(out[4:], torch.zeros_like(out[4:]))
 
 
-def test_out_of_range_indices_are_skipped():
+@pytest.mark.parametrize("op", ["gather_matmul", "gather_dot", "scatter_matmul"])
+def test_out_of_range_indices_are_skipped(op):
     # The public ops reject such indices; the kernels must still never read out of bounds.
     g = _gen("bad")
     M, k, N, D = 6, 5, 40, 24
@@ -315,16 +316,20 @@ def test_out_of_range_indices_are_skipped():
     keep = (bad >= 0) & (bad < N)
     safe = torch.where(keep, bad, torch.zeros_like(bad))
     masked = values * keep
-    torch.testing.assert_close(C.gather_matmul(values, bad, W), R.gather_matmul(masked, safe, W))
-    dot = C.gather_dot(G, bad, W)
-    torch.testing.assert_close(dot[keep], R.gather_dot(G, safe, W)[keep])
-    assert torch.equal(dot[~keep], torch.zeros_like(dot[~keep]))
-    for det in (False, True):
-        torch.testing.assert_close(C.scatter_matmul(values, bad, G, N, det), R.scatter_matmul(masked, safe, G, N))
+    if op == "gather_matmul":
+        torch.testing.assert_close(C.gather_matmul(values, bad, W), R.gather_matmul(masked, safe, W))
+    elif op == "gather_dot":
+        dot = C.gather_dot(G, bad, W)
+        torch.testing.assert_close(dot[keep], R.gather_dot(G, safe, W)[keep])
+        assert torch.equal(dot[~keep], torch.zeros_like(dot[~keep]))
+    else:
+        for det in (False, True):
+            torch.testing.assert_close(C.scatter_matmul(values, bad, G, N, det), R.scatter_matmul(masked, safe, G, N))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
-def test_misaligned_views(dtype):
+@pytest.mark.parametrize("op", ["gather_matmul", "gather_dot", "scatter_matmul"])
+def test_misaligned_views(op, dtype):
     # Contiguous views with a storage offset: the kernels drop to narrower vectors.
     g = _gen("mis", str(dtype))
     M, k, N, D = 9, 6, 50, 64
@@ -333,33 +338,47 @@ def test_misaligned_views(dtype):
     values, indices, _ = _sparse(M, k, N, D, dtype, g)
     Gb = _randn((M * D + 3,), dtype, g)
     G = Gb[3:].view(M, D)
-    out = C.gather_matmul(values, indices, W)
-    terms = values.double().unsqueeze(-1) * W.double()[indices]
-    _assert_within(out, terms.sum(1), _tol(terms.sum(1), terms.abs().sum(1), k, dtype), "gather_matmul")
-    dots = G.double().unsqueeze(1) * W.double()[indices]
-    _assert_within(C.gather_dot(G, indices, W), dots.sum(-1), _tol(dots.sum(-1), dots.abs().sum(-1), D, dtype), "dot")
-    exact, abs_sum, counts = _scatter_exact(values, indices, G, N)
-    for det in (False, True):
-        _assert_within(C.scatter_matmul(values, indices, G, N, det), exact, _tol(exact, abs_sum, counts, dtype), "sc")
+    if op == "gather_matmul":
+        out = C.gather_matmul(values, indices, W)
+        terms = values.double().unsqueeze(-1) * W.double()[indices]
+        _assert_within(out, terms.sum(1), _tol(terms.sum(1), terms.abs().sum(1), k, dtype), "gather_matmul")
+    elif op == "gather_dot":
+        dots = G.double().unsqueeze(1) * W.double()[indices]
+        _assert_within(C.gather_dot(G, indices, W), dots.sum(-1), _tol(dots.sum(-1), dots.abs().sum(-1), D, dtype),
+                       "dot")
+    else:
+        exact, abs_sum, counts = _scatter_exact(values, indices, G, N)
+        for det in (False, True):
+            _assert_within(C.scatter_matmul(values, indices, G, N, det), exact, _tol(exact, abs_sum, counts, dtype),
+                           "sc")
 
 
-def test_float64_uses_reference():
+@pytest.mark.parametrize("op", ["gather_matmul", "gather_dot", "scatter_matmul"])
+def test_float64_uses_reference(op):
     g = _gen("f64ops")
     values, indices, W = _sparse(7, 3, 20, 5, torch.float64, g)
     G = _randn((7, 5), torch.float64, g)
-    torch.testing.assert_close(C.gather_matmul(values, indices, W), R.gather_matmul(values, indices, W))
-    torch.testing.assert_close(C.gather_dot(G, indices, W), R.gather_dot(G, indices, W))
-    torch.testing.assert_close(C.scatter_matmul(values, indices, G, 20, True), R.scatter_matmul(values, indices, G, 20))
+    if op == "gather_matmul":
+        torch.testing.assert_close(C.gather_matmul(values, indices, W), R.gather_matmul(values, indices, W))
+    elif op == "gather_dot":
+        torch.testing.assert_close(C.gather_dot(G, indices, W), R.gather_dot(G, indices, W))
+    else:
+        torch.testing.assert_close(C.scatter_matmul(values, indices, G, 20, True),
+                                   R.scatter_matmul(values, indices, G, 20))
 
 
 # ---------------------------------------------------------------------------------------------
 # streams, graphs, devices
 
 
-def _all_ops(pre, bias, values, indices, W, G, n):
-    v, i = C.topk_relu(pre, 16, bias)
-    return [v, i, C.gather_matmul(values, indices, W, None), C.gather_dot(G, indices, W),
-            C.scatter_matmul(values, indices, G, n, False), C.scatter_matmul(values, indices, G, n, True)]
+# op -> its calls on _op_inputs(), as a list of outputs
+_OPS = {
+    "topk_relu": lambda pre, bias, values, indices, W, G, n: list(C.topk_relu(pre, 16, bias)),
+    "gather_matmul": lambda pre, bias, values, indices, W, G, n: [C.gather_matmul(values, indices, W, None)],
+    "gather_dot": lambda pre, bias, values, indices, W, G, n: [C.gather_dot(G, indices, W)],
+    "scatter_matmul": lambda pre, bias, values, indices, W, G, n: [C.scatter_matmul(values, indices, G, n, False),
+                                                                   C.scatter_matmul(values, indices, G, n, True)],
+}
 
 
 def _op_inputs():
@@ -372,9 +391,19 @@ def _op_inputs():
     return pre, bias, values, indices, W, G, N
 
 
-def test_runs_on_the_current_stream():
+def _assert_same(got, expected, exact):
+    """Outputs close, and bit-identical for the positions in ``exact``."""
+    for j, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+        if j in exact:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", list(_OPS))
+def test_runs_on_the_current_stream(op):
+    run = _OPS[op]
     args = _op_inputs()
-    expected = _all_ops(*args)
+    expected = run(*args)
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -383,34 +412,31 @@ def test_runs_on_the_current_stream():
         # Inputs written on `side` after the sleep: ops launched on any other stream would read
         # them before they exist.
         fresh = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        got = _all_ops(*fresh)
+        got = run(*fresh)
     torch.cuda.current_stream().wait_stream(side)
-    for a, b in zip(got, expected[:5]):
-        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
-    assert torch.equal(got[5], expected[5])  # deterministic scatter: bit-identical
+    _assert_same(got, expected, exact={"scatter_matmul": (1,)}.get(op, ()))  # deterministic scatter: bit-identical
 
 
-def test_cuda_graph_capture_and_replay():
+@pytest.mark.parametrize("op", list(_OPS))
+def test_cuda_graph_capture_and_replay(op):
+    run = _OPS[op]
     args = _op_inputs()
-    expected = _all_ops(*args)
+    expected = run(*args)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up (first launches load modules) off the capture
-        _all_ops(*args)
+        run(*args)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = _all_ops(*args)
+        outs = run(*args)
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(outs, expected):
-        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
-    assert torch.equal(outs[0], expected[0]) and torch.equal(outs[1], expected[1])
-    assert torch.equal(outs[5], expected[5])
+    _assert_same(outs, expected, exact={"topk_relu": (0, 1), "scatter_matmul": (1,)}.get(op, ()))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_second_device():
+def test_topk_relu_on_a_second_device():
     g = _gen("dev1")
     pre = torch.randn(5, 3000, generator=g).to("cuda:1")
     with torch.cuda.device(0):
@@ -430,7 +456,7 @@ def _free_bytes():
 
 
 @pytest.mark.slow
-def test_topk_more_than_2_31_elements():
+def test_topk_relu_more_than_2_31_elements():
     M, N = 16385, 131072  # M * N > 2^31: the last rows need 64-bit offsets
     if _free_bytes() < 3 * M * N * 2:
         pytest.skip("not enough GPU memory")
@@ -444,7 +470,7 @@ def test_topk_more_than_2_31_elements():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
-def test_gather_scatter_more_than_2_31_elements(deterministic):
+def test_gather_matmul_gather_dot_scatter_matmul_past_2_31_elements(deterministic):
     N, D, M, k = 600_000, 4096, 64, 8  # N * D > 2^31
     if _free_bytes() < 24 * 2**30:
         pytest.skip("needs about 24 GiB of free GPU memory")
@@ -473,7 +499,7 @@ def test_gather_scatter_more_than_2_31_elements(deterministic):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("M,N,D,k", [(2048, 131072, 4096, 64), (512, 12288, 5120, 1475), (4096, 24576, 768, 32)])
-def test_transcoder_shapes(M, N, D, k):
+def test_topk_relu_gather_matmul_gather_dot_scatter_matmul_at_transcoder_shapes(M, N, D, k):
     dtype = torch.bfloat16
     g = _gen("shape", M, N, D, k)
     pre = _randn((M, N), dtype, g)
@@ -500,6 +526,6 @@ def test_transcoder_shapes(M, N, D, k):
         assert not nonzero.any(), "rows no index points at must be zero"
 
 
-def test_grid_is_not_empty():
+def test_topk_relu_grid_is_not_empty():
     # Guard against a parametrisation mistake silently dropping the grid.
     assert len(list(itertools.product([0, 1, 7, 300], TOPK_NK))) == 4 * len(TOPK_NK)

@@ -288,7 +288,7 @@ def _spy_exact_launches(monkeypatch):
     return seen
 
 
-def test_exact_pass_specialises_per_bucket(monkeypatch):
+def test_encode_topk_exact_pass_specialises_per_bucket(monkeypatch):
     """The exact recomputation of F flagged rows launches its kernels with the same
     specialisation for every F of a power-of-two bucket (33 to 64 flagged rows: one compilation,
     not one per count, mid-training), and computes the exact top-k of those rows."""
@@ -307,11 +307,14 @@ def test_exact_pass_specialises_per_bucket(monkeypatch):
     assert keys[0] == keys[1] == keys[2]
 
 
-def test_exact_plan_buckets(monkeypatch):
+# How each op's exact passes make their scores (topk_relu reads them, the encoders run the GEMM).
+@pytest.mark.parametrize("kinds", [pytest.param(("pre",), id="topk_relu"),
+                                   pytest.param(("tma", "ptr", "fma"), id="encode_topk-encode_relu")])
+def test_exact_plan_buckets(kinds, monkeypatch):
     """The GPU plan of an exact pass (configuration, span, rows launched) depends on the number
     of flagged rows only through its power-of-two bucket; rows are padded to a multiple of 16."""
     monkeypatch.setattr(_select, "INTERPRET", False)
-    for kind in ("tma", "ptr", "pre", "fma"):
+    for kind in kinds:
         for KP in (16, 64, 128):
             plans = {}
             for F in range(1, 600):
@@ -374,20 +377,27 @@ def test_encode_relu_edges():
     assert torch.equal(c, rc) and torch.equal(i, ri) and torch.equal(v.double(), rv)
 
 
-def test_float64_uses_the_reference():
+# The ops by the kernels they share: the selection (stage 1 and merge) and the sparse products.
+SELECTION, SPARSE = "topk_relu-encode_topk-encode_relu", "gather_matmul-gather_dot-scatter_matmul"
+
+
+@pytest.mark.parametrize("ops", [SELECTION, SPARSE])
+def test_float64_uses_the_reference(ops):
     M, D, N, k = 5, 7, 11, 3
     x, W = randn((M, D), 45, torch.float64), randn((N, D), 46, torch.float64)
     b = randn((N,), 47, torch.float64)
-    assert_topk_equal(T.encode_topk(x, W, b, k), R.encode_topk(x, W, b, k))
-    assert_topk_equal(T.topk_relu(x @ W.t(), k, b), R.topk_relu(x @ W.t(), k, b))
-    v, i = R.encode_topk(x, W, b, k)
-    torch.testing.assert_close(T.gather_matmul(v, i, W), R.gather_matmul(v, i, W))
-    torch.testing.assert_close(T.gather_dot(x, i, W), R.gather_dot(x, i, W))
-    torch.testing.assert_close(T.scatter_matmul(v, i, x, N, True), R.scatter_matmul(v, i, x, N, True))
-    rv, ri, rc = relu_formula(x, W, b, 4, 0.0)
-    v2, i2, c2 = T.encode_relu(x, W, b, 4)
-    assert torch.equal(c2, rc) and torch.equal(i2, ri)
-    torch.testing.assert_close(v2, rv)
+    if ops == SELECTION:
+        assert_topk_equal(T.encode_topk(x, W, b, k), R.encode_topk(x, W, b, k))
+        assert_topk_equal(T.topk_relu(x @ W.t(), k, b), R.topk_relu(x @ W.t(), k, b))
+        rv, ri, rc = relu_formula(x, W, b, 4, 0.0)
+        v2, i2, c2 = T.encode_relu(x, W, b, 4)
+        assert torch.equal(c2, rc) and torch.equal(i2, ri)
+        torch.testing.assert_close(v2, rv)
+    else:
+        v, i = R.encode_topk(x, W, b, k)
+        torch.testing.assert_close(T.gather_matmul(v, i, W), R.gather_matmul(v, i, W))
+        torch.testing.assert_close(T.gather_dot(x, i, W), R.gather_dot(x, i, W))
+        torch.testing.assert_close(T.scatter_matmul(v, i, x, N, True), R.scatter_matmul(v, i, x, N, True))
 
 
 # gather / scatter -------------------------------------------------------------------------------
@@ -401,7 +411,7 @@ def _close(a, b, dtype, scale=1.0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
-def test_gather_matmul_and_dot(dtype):
+def test_gather_matmul_and_gather_dot(dtype):
     M, k, N, D = (2048, 64, 16384, 1023) if GPU else (10, 5, 23, 37)
     values = randn((M, k), 26, dtype)
     indices = torch.randint(0, N, (M, k), generator=gen(27)).to(DEV)
@@ -419,7 +429,7 @@ def test_gather_matmul_and_dot(dtype):
     assert T.gather_dot(G[:0], indices[:0], W).shape == (0, k)
 
 
-def test_gather_skips_out_of_range_indices():
+def test_gather_matmul_and_gather_dot_skip_out_of_range_indices():
     M, k, N, D = 6, 4, 11, 9
     values = randn((M, k), 31)
     indices = torch.randint(0, N, (M, k), generator=gen(32)).to(DEV)
@@ -562,7 +572,7 @@ def test_every_config_gather_scatter(op, i, monkeypatch):
         _close(T.scatter_matmul(values, indices, G, N), R.scatter_matmul(values, indices, G, N), dtype, 8)
 
 
-def test_deterministic_scatter_gpu_configuration(monkeypatch):
+def test_scatter_matmul_deterministic_gpu_configuration(monkeypatch):
     """The deterministic scatter's fixed GPU configuration, also under the interpreter."""
     monkeypatch.setattr(T.scatter, "_SORTED_META", {"RB": 8, "BE": 16, "BD": 128, "num_warps": 4})
     dtype = torch.bfloat16
@@ -620,10 +630,13 @@ build(scatter.scatter_sorted_kernel, {"off_ptr": "*i64", "src_ptr": "*i64", "val
 '''
 
 
-@pytest.mark.skipif(GPU, reason="on a GPU every kernel is compiled by the other tests")
-def test_kernels_compile_for_sm90():
-    """Without a GPU, the kernels still go through Triton's compiler and ptxas for sm_90 (in a
-    process without TRITON_INTERPRET), so code that only the interpreter accepts cannot land."""
+# The kernels _COMPILE_SCRIPT compiles, by the ops they serve (stage1_kernel three times).
+_COMPILED = {SELECTION: ["stage1_kernel"] * 3 + ["merge_kernel", "relu_kernel"],
+             SPARSE: ["gather_matmul_kernel", "gather_dot_kernel", "scatter_atomic_kernel", "scatter_sorted_kernel"]}
+
+
+@pytest.fixture(scope="module")
+def sm90_compilation():
     import subprocess
 
     try:
@@ -636,4 +649,15 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 9
+    return proc.stdout
+
+
+@pytest.mark.skipif(GPU, reason="on a GPU every kernel is compiled by the other tests")
+@pytest.mark.parametrize("ops", [SELECTION, SPARSE])
+def test_kernels_compile_for_sm90(ops, sm90_compilation):
+    """Without a GPU, the kernels still go through Triton's compiler and ptxas for sm_90 (in a
+    process without TRITON_INTERPRET), so code that only the interpreter accepts cannot land."""
+    compiled = [line.split()[1] for line in sm90_compilation.splitlines() if line.startswith("compiled ")]
+    assert len(compiled) == sum(map(len, _COMPILED.values()))
+    for kernel in set(_COMPILED[ops]):
+        assert compiled.count(kernel) == _COMPILED[ops].count(kernel), kernel

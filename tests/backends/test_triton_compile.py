@@ -63,11 +63,32 @@ def _describe(r):
            f"{r['stack_frame']} B stack frame ({r['uses'][0]})"
 
 
-def test_no_configuration_spills(report):
-    spilled = [_describe(r) for r in report["kernels"] if r["spills"]]
+# The ops with Triton kernels; each test below is one per op, over the kernels serving it.
+OPS = ["topk_relu", "encode_topk", "encode_relu", "gather_matmul", "gather_dot", "scatter_matmul"]
+
+
+def _serves(r, op):
+    """Whether compiled kernel ``r`` serves ``op``: one of its uses starts with the op's name, or it
+    is stage 1 at the limits of a way of making scores ("pre": topk_relu's; the others: the
+    encoders' GEMM)."""
+    for use in r["uses"]:
+        if use.startswith("stage 1 limit: "):
+            served = ("topk_relu",) if use.split()[3] == "pre" else ("encode_topk", "encode_relu")
+            if op in served:
+                return True
+        elif use.split()[0] == op:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_no_configuration_spills(op, report):
+    kernels = [r for r in report["kernels"] if _serves(r, op)]
+    assert kernels, f"no kernel of {op} was compiled"
+    spilled = [_describe(r) for r in kernels if r["spills"]]
     assert not spilled, "\n".join(spilled)
     assert report["spilling"] == 0 and report["returncode"] == 0, report["stderr"][-3000:]
-    for r in report["kernels"]:
+    for r in kernels:
         assert 0 < r["registers"] <= 255, _describe(r)
         assert r["config"].get("maxnreg") is None or r["registers"] <= r["config"]["maxnreg"], _describe(r)
         assert r["shared_bytes"] <= 232448, _describe(r)  # what a CTA may have on sm_90
@@ -84,21 +105,22 @@ def _picked(report, kernel, config):
                for r in report["kernels"])
 
 
-def test_every_launcher_configuration_is_compiled(report):
-    """The configurations the autotuner may pick (all of each list: the pruning differs by shape
-    and dtype), and the fixed ones (deterministic scatter)."""
+@pytest.fixture(scope="module")
+def launcher_configs():
+    """op -> [(kernel, kwargs, num_warps, num_stages, maxnreg)] for every configuration of the op's
+    autotuned launcher, read in a process without the interpreter (as the GPU sees them)."""
     code = r"""
 import json, os
 os.environ.pop("TRITON_INTERPRET", None)
 from tckernels.backends.triton import _select, encode, gather, scatter
 out = {}
-for name, kernel, launcher in (("stage1", "stage1_kernel", _select._gemm_launcher),
-                               ("stage1_pre", "stage1_kernel", _select._pre_launcher),
-                               ("relu", "relu_kernel", encode._relu_launcher),
-                               ("gather_matmul", "gather_matmul_kernel", gather._gm_launcher),
-                               ("gather_dot", "gather_dot_kernel", gather._gd_launcher),
-                               ("scatter", "scatter_atomic_kernel", scatter._sa_launcher)):
-    out[name] = [(kernel, c.kwargs, c.num_warps, c.num_stages, c.maxnreg) for c in launcher.configs]
+for op, kernel, launcher in (("encode_topk", "stage1_kernel", _select._gemm_launcher),
+                             ("topk_relu", "stage1_kernel", _select._pre_launcher),
+                             ("encode_relu", "relu_kernel", encode._relu_launcher),
+                             ("gather_matmul", "gather_matmul_kernel", gather._gm_launcher),
+                             ("gather_dot", "gather_dot_kernel", gather._gd_launcher),
+                             ("scatter_matmul", "scatter_atomic_kernel", scatter._sa_launcher)):
+    out[op] = [(kernel, c.kwargs, c.num_warps, c.num_stages, c.maxnreg) for c in launcher.configs]
 print(json.dumps(out))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -106,25 +128,38 @@ print(json.dumps(out))
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Kernels with a fixed configuration (no launcher list), by op.
+_FIXED = {"topk_relu": ["merge_kernel"], "encode_topk": ["merge_kernel"], "scatter_matmul": ["scatter_sorted_kernel"]}
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_launcher_configuration_is_compiled(op, report, launcher_configs):
+    """The configurations the autotuner may pick (all of each list: the pruning differs by shape
+    and dtype), and the fixed ones (merge, deterministic scatter)."""
     import triton
 
     missing = []
-    for name, configs in json.loads(proc.stdout.strip().splitlines()[-1]).items():
-        for kernel, kwargs, warps, stages, maxnreg in configs:
-            c = triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
-            if not _picked(report, kernel, c):
-                missing.append(f"{name}: {kwargs} warps={warps} stages={stages} maxnreg={maxnreg}")
-    assert not missing, "configurations never compiled:\n" + "\n".join(missing)
-    assert any(r["kernel"] == "scatter_sorted_kernel" for r in report["kernels"])
-    assert any(r["kernel"] == "merge_kernel" for r in report["kernels"])
+    for kernel, kwargs, warps, stages, maxnreg in launcher_configs[op]:
+        c = triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+        if not _picked(report, kernel, c):
+            missing.append(f"{kernel}: {kwargs} warps={warps} stages={stages} maxnreg={maxnreg}")
+    assert not missing, f"configurations of {op} never compiled:\n" + "\n".join(missing)
+    for kernel in _FIXED.get(op, []):
+        assert any(r["kernel"] == kernel and _serves(r, op) for r in report["kernels"]), kernel
 
 
-def test_stage1_tile_loads_are_asynchronous(report):
-    """Every stage-1 tile loop issues asynchronous copies: the GEMM's K loop (cp.async or TMA),
-    and topk_relu's loop over tiles of scores, which has no tl.dot (cp.async)."""
-    stage1 = [r for r in report["kernels"] if r["kernel"] == "stage1_kernel"]
-    pre = [r for r in stage1 if r["config"]["FROM_PRE"]]
-    assert pre and all(r["config"]["num_stages"] > 1 for r in pre)
+@pytest.mark.parametrize("op", ["topk_relu", "encode_topk"])
+def test_stage1_tile_loads_are_asynchronous(op, report):
+    """Every stage-1 tile loop issues asynchronous copies: the GEMM's K loop (cp.async or TMA) of
+    encode_topk, and topk_relu's loop over tiles of scores, which has no tl.dot (cp.async)."""
+    stage1 = [r for r in report["kernels"] if r["kernel"] == "stage1_kernel"
+              and r["config"]["FROM_PRE"] == (op == "topk_relu")]
+    assert stage1
+    if op == "topk_relu":
+        assert all(r["config"]["num_stages"] > 1 for r in stage1)
     sync = [_describe(r) for r in stage1 if not r["async_copy"]]
     assert not sync, "\n".join(sync)
     assert all(r["tma"] == r["config"]["USE_TMA"] for r in stage1)
@@ -137,6 +172,7 @@ def test_report_summary(report):
     assert report["compile_seconds"] == pytest.approx(sum(r["compile_seconds"] for r in kernels), abs=0.01)
     assert report["target"] == "cuda sm_90" and report["subset"] == "ci"
     assert all(r["compile_seconds"] > 0 and r["uses"] for r in kernels)
+    assert all(any(_serves(r, op) for op in OPS) for r in kernels), "a kernel serving no op"
     print(f"\n{len(kernels)} specialisations, {report['compile_seconds']:.0f} s of compilation, "
           f"{report['wall_seconds']:.0f} s wall on {report['jobs']} processes "
           f"(the test: {report['test_wall_seconds']:.0f} s)")

@@ -84,7 +84,7 @@ def test_no_dense_tensor_saved_for_backward():
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_transcoder_step_matches_dense(device, backend):
+def test_transcoder_step_with_sparse_decode_matches_dense(device, backend):
     """A TopK transcoder training step through tckernels equals the dense formulation."""
     if is_slow(device, backend):
         M, D, N, k = 16, 16, 64, 4

@@ -1,4 +1,8 @@
-"""Every bad call raises TypeError or ValueError naming the argument, before native code runs."""
+"""Every bad call raises TypeError or ValueError naming the argument, before native code runs.
+
+Each case is a valid call of one public op (CALLS) with one argument replaced; ids start with the
+op's name, so ``pytest -k <op>`` finds them.
+"""
 import importlib
 
 import pytest
@@ -9,8 +13,7 @@ import tckernels
 N, D, M, K = 20, 8, 4, 3
 
 
-@pytest.fixture
-def t():
+def _args():
     g = torch.Generator().manual_seed(0)
     return dict(
         values=torch.randn(M, K, generator=g),
@@ -21,84 +24,148 @@ def t():
         x=torch.randn(M, D, generator=g),
         b_enc=torch.randn(N, generator=g),
         pre=torch.randn(M, N, generator=g),
+        k=K,
+        n_rows=N,
+        threshold=None,
     )
 
 
-def raises(exc, match, fn, *a, **kw):
+CALLS = {
+    "topk_relu": lambda a, **kw: tckernels.topk_relu(a["pre"], a["k"], a["b_enc"], **kw),
+    "encode_topk": lambda a, **kw: tckernels.encode_topk(a["x"], a["W"], a["b_enc"], a["k"], **kw),
+    "encode_relu": lambda a, **kw: tckernels.encode_relu(a["x"], a["W"], a["b_enc"], a["k"], a["threshold"], **kw),
+    "sparse_decode": lambda a, **kw: tckernels.sparse_decode(a["values"], a["indices"], a["W"], a["bias"], **kw),
+    "gather_matmul": lambda a, **kw: tckernels.gather_matmul(a["values"], a["indices"], a["W"], a["bias"], **kw),
+    "gather_dot": lambda a, **kw: tckernels.gather_dot(a["G"], a["indices"], a["W"], **kw),
+    "scatter_matmul": lambda a, **kw: tckernels.scatter_matmul(a["values"], a["indices"], a["G"], a["n_rows"], **kw),
+}
+INDEX_OPS = ["sparse_decode", "gather_matmul", "gather_dot", "scatter_matmul"]
+
+
+def call(op, replace=None, **kw):
+    """CALLS[op] with arguments replaced: a value, or a function of the valid arguments."""
+    a = _args()
+    a.update({name: v(a) if callable(v) else v for name, v in (replace or {}).items()})
+    return CALLS[op](a, **kw)
+
+
+@pytest.mark.parametrize("op", list(CALLS))
+def test_valid_call_passes(op):
+    call(op)
+
+
+def bad(op, what, exc, match, **replace):
+    return pytest.param(op, replace, exc, match, id=f"{op}-{what}")
+
+
+BAD_ARGUMENTS = [
+    # k out of range, or not an int
+    *(bad("topk_relu", f"k={k}", ValueError, "k must satisfy 1 <= k <= N = 20", k=k) for k in (0, -1, N + 1)),
+    *(bad("encode_topk", f"k={k}", ValueError, "k must satisfy 1 <= k <= N = 20", k=k) for k in (0, -1, N + 1)),
+    bad("encode_relu", "k_max=0", ValueError, "k_max must satisfy 1 <= k_max <= N = 20", k=0),
+    bad("topk_relu", "k-float", TypeError, "k must be an int", k=2.0),
+    bad("topk_relu", "k-bool", TypeError, "k must be an int", k=True),
+    # dtypes
+    bad("gather_matmul", "indices-float", TypeError, "indices must have dtype in",
+        indices=lambda a: a["indices"].float()),
+    bad("gather_matmul", "indices-int16", TypeError, "indices must have dtype in",
+        indices=lambda a: a["indices"].short()),
+    bad("gather_matmul", "values-bf16", TypeError, "values has dtype bfloat16 but W has float32",
+        values=lambda a: a["values"].bfloat16()),
+    bad("gather_matmul", "W-list", TypeError, "W must be a torch.Tensor", W=[[1.0]]),
+    bad("sparse_decode", "b_dec-f16", TypeError, "b_dec has dtype float16", bias=lambda a: a["bias"].half()),
+    bad("sparse_decode", "indices-float", TypeError, "indices must have dtype in",
+        indices=lambda a: a["indices"].float()),
+    bad("topk_relu", "pre-int", TypeError, "pre must have dtype in", pre=lambda a: a["pre"].int()),
+    bad("encode_topk", "x-f16", TypeError, "x has dtype float16 but W_enc has float32", x=lambda a: a["x"].half()),
+    bad("encode_relu", "x-f16", TypeError, "x has dtype float16 but W_enc has float32", x=lambda a: a["x"].half()),
+    bad("gather_dot", "G-f64", TypeError, "G has dtype", G=lambda a: a["G"].double()),
+    bad("scatter_matmul", "G-f64", TypeError, "values has dtype float32 but G has float64",
+        G=lambda a: a["G"].double()),
+    # shapes
+    bad("gather_matmul", "indices-shape", ValueError, "indices must have shape",
+        indices=lambda a: a["indices"][:, :2]),
+    bad("gather_matmul", "W-3d", ValueError, "W must be 2-D", W=lambda a: a["W"][None]),
+    bad("gather_matmul", "bias-shape", ValueError, "bias must have shape", bias=lambda a: a["bias"][:3]),
+    bad("sparse_decode", "W_dec-3d", ValueError, "W_dec must be 2-D", W=lambda a: a["W"][None]),
+    bad("encode_topk", "b_enc-shape", ValueError, "b_enc must have shape", b_enc=lambda a: a["bias"]),
+    bad("encode_topk", "x-width", ValueError, "x must have last dimension D", x=lambda a: a["x"][:, :3]),
+    bad("encode_relu", "x-width", ValueError, "x must have last dimension D", x=lambda a: a["x"][:, :3]),
+    bad("encode_relu", "threshold-negative", ValueError, r"threshold must be None, a float >= 0 or a \[N\] tensor",
+        threshold=-1.0),
+    bad("encode_relu", "threshold-shape", ValueError, "threshold must have shape", threshold=lambda a: a["bias"]),
+    bad("gather_dot", "G-width", ValueError, "G must have last dimension", G=lambda a: a["G"][:, :3]),
+    bad("gather_dot", "G-rows", ValueError, "indices must have the leading shape of G", G=lambda a: a["G"][:2]),
+    bad("scatter_matmul", "G-rows", ValueError, "G must have the leading shape of values", G=lambda a: a["G"][:2]),
+    bad("scatter_matmul", "n_rows-negative", ValueError, "n_rows must be a non-negative int", n_rows=-1),
+    bad("topk_relu", "bias-shape", ValueError, "bias must have shape", b_enc=lambda a: a["b_enc"][:5]),
+    # devices
+    bad("gather_matmul", "W-meta", ValueError, "W is on meta but values is on cpu", W=lambda a: a["W"].to("meta")),
+    bad("sparse_decode", "W_dec-meta", ValueError, "W_dec is on meta but values is on cpu",
+        W=lambda a: a["W"].to("meta")),
+    bad("gather_dot", "W-meta", ValueError, "W is on meta but G is on cpu", W=lambda a: a["W"].to("meta")),
+    bad("scatter_matmul", "G-meta", ValueError, "G is on meta but values is on cpu", G=lambda a: a["G"].to("meta")),
+    bad("encode_topk", "W_enc-meta", ValueError, "W_enc is on meta but x is on cpu", W=lambda a: a["W"].to("meta")),
+    bad("encode_relu", "W_enc-meta", ValueError, "W_enc is on meta but x is on cpu", W=lambda a: a["W"].to("meta")),
+    bad("topk_relu", "bias-meta", ValueError, "bias is on meta but pre is on cpu",
+        b_enc=lambda a: a["b_enc"].to("meta")),
+]
+
+
+@pytest.mark.parametrize("op,replace,exc,match", BAD_ARGUMENTS)
+def test_bad_argument(op, replace, exc, match):
     with pytest.raises(exc, match=match):
-        fn(*a, **kw)
+        call(op, replace)
 
 
 @pytest.mark.parametrize("backend", tckernels.available_backends("cpu"))
-def test_index_out_of_range(t, backend):
-    for bad in (N, -1, 10**6):
-        idx = t["indices"].clone()
-        idx[1, 2] = bad
-        raises(ValueError, r"indices must lie in \[0, 20\)", tckernels.gather_matmul, t["values"], idx, t["W"], backend=backend)
-        raises(ValueError, "indices must lie", tckernels.sparse_decode, t["values"], idx, t["W"], backend=backend)
-        raises(ValueError, "indices must lie", tckernels.gather_dot, t["G"], idx, t["W"], backend=backend)
-        raises(ValueError, "indices must lie", tckernels.scatter_matmul, t["values"], idx, t["G"], N, backend=backend)
+@pytest.mark.parametrize("op", INDEX_OPS)
+def test_index_out_of_range(op, backend):
+    for bad_index in (N, -1, 10**6):
+        for dtype in (torch.int64, torch.int32):
+            def indices(a):
+                idx = a["indices"].clone()
+                idx[1, 2] = bad_index
+                return idx.to(dtype)
+
+            with pytest.raises(ValueError, match=r"^indices must lie in \[0, 20\)"):
+                call(op, dict(indices=indices), backend=backend)
 
 
-def test_index_check_can_be_disabled_and_kernels_stay_in_bounds(t, monkeypatch):
+@pytest.mark.parametrize("op", INDEX_OPS)
+def test_index_check_can_be_disabled_and_kernels_stay_in_bounds(op, monkeypatch):
     """With TCK_CHECK_INDICES=0 the native kernels skip out-of-range indices instead of reading
     outside W (documented: it is then the caller's responsibility)."""
     if "cpu" not in tckernels.available_backends("cpu"):
         pytest.skip("native cpu backend not built")
     monkeypatch.setenv("TCK_CHECK_INDICES", "0")
-    idx = t["indices"].clone()
-    idx[0, 0] = 10**9
-    out = tckernels.gather_matmul(t["values"], idx, t["W"], backend="cpu")
+
+    def indices(a):
+        idx = a["indices"].clone()
+        idx[0, 0] = 10**9
+        return idx
+
+    out = call(op, dict(indices=indices), backend="cpu")
     assert torch.isfinite(out).all()
 
 
-def test_k_out_of_range(t):
-    for k in (0, -1, N + 1):
-        raises(ValueError, "k must satisfy 1 <= k <= N = 20", tckernels.topk_relu, t["pre"], k)
-        raises(ValueError, "k must satisfy", tckernels.encode_topk, t["x"], t["W"], t["b_enc"], k)
-    raises(TypeError, "k must be an int", tckernels.topk_relu, t["pre"], 2.0)
-    raises(TypeError, "k must be an int", tckernels.topk_relu, t["pre"], True)
-
-
-def test_dtypes(t):
-    raises(TypeError, "indices must have dtype in", tckernels.gather_matmul, t["values"], t["indices"].float(), t["W"])
-    raises(TypeError, "indices must have dtype in", tckernels.gather_matmul, t["values"], t["indices"].short(), t["W"])
-    raises(TypeError, "values has dtype bfloat16 but W has float32", tckernels.gather_matmul, t["values"].bfloat16(), t["indices"], t["W"])
-    raises(TypeError, "b_dec has dtype float16", tckernels.sparse_decode, t["values"], t["indices"], t["W"], t["bias"].half())
-    raises(TypeError, "pre must have dtype in", tckernels.topk_relu, t["pre"].int(), 2)
-    raises(TypeError, "x has dtype float16 but W_enc has float32", tckernels.encode_topk, t["x"].half(), t["W"], None, 2)
-    raises(TypeError, "G has dtype", tckernels.gather_dot, t["G"].double(), t["indices"], t["W"])
-    raises(TypeError, "W must be a torch.Tensor", tckernels.gather_matmul, t["values"], t["indices"], [[1.0]])
-
-
-def test_shapes(t):
-    raises(ValueError, "indices must have shape", tckernels.gather_matmul, t["values"], t["indices"][:, :2], t["W"])
-    raises(ValueError, "W must be 2-D", tckernels.gather_matmul, t["values"], t["indices"], t["W"][None])
-    raises(ValueError, "bias must have shape", tckernels.gather_matmul, t["values"], t["indices"], t["W"], t["bias"][:3])
-    raises(ValueError, "b_enc must have shape", tckernels.encode_topk, t["x"], t["W"], t["bias"], 2)
-    raises(ValueError, "x must have last dimension D", tckernels.encode_topk, t["x"][:, :3], t["W"], None, 2)
-    raises(ValueError, "G must have last dimension", tckernels.gather_dot, t["G"][:, :3], t["indices"], t["W"])
-    raises(ValueError, "indices must have the leading shape of G", tckernels.gather_dot, t["G"][:2], t["indices"], t["W"])
-    raises(ValueError, "G must have the leading shape of values", tckernels.scatter_matmul, t["values"], t["indices"], t["G"][:2], N)
-    raises(ValueError, "n_rows must be a non-negative int", tckernels.scatter_matmul, t["values"], t["indices"], t["G"], -1)
-    raises(ValueError, "bias must have shape", tckernels.topk_relu, t["pre"], 2, t["b_enc"][:5])
-
-
-def test_devices_must_agree(t):
-    meta = t["W"].to("meta")
-    raises(ValueError, "W is on meta but values is on cpu", tckernels.gather_matmul, t["values"], t["indices"], meta)
-    raises(ValueError, "W_enc is on meta but x is on cpu", tckernels.encode_topk, t["x"], meta, None, 2)
-
-
-def test_unknown_backend(t, monkeypatch):
-    raises(ValueError, "backend must be one of", tckernels.topk_relu, t["pre"], 2, backend="nope")
-    raises(ValueError, r"use_backend\(name\) must be one of", tckernels.use_backend("nope").__enter__)
+@pytest.mark.parametrize("op", list(CALLS))
+def test_unknown_backend(op, monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        call(op, backend="nope")
     monkeypatch.setenv("TCK_BACKEND", "nope")
-    raises(ValueError, "TCK_BACKEND environment variable must be one of", tckernels.topk_relu, t["pre"], 2)
+    with pytest.raises(ValueError, match="TCK_BACKEND environment variable must be one of"):
+        call(op)
     monkeypatch.setenv("TCK_BACKEND", "cuda")
     try:  # the module imports wherever the package does; only a broken install cannot import it
         importlib.import_module("tckernels.backends.cuda")
         why = r"^tckernels: backend 'cuda' runs on cuda tensors, not cpu$"
     except ImportError:
         why = r"^tckernels: backend 'cuda' cannot be imported: "
-    raises(RuntimeError, why, tckernels.topk_relu, t["pre"], 2)
+    with pytest.raises(RuntimeError, match=why):
+        call(op)
+
+
+def test_use_backend_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match=r"use_backend\(name\) must be one of"):
+        tckernels.use_backend("nope").__enter__()

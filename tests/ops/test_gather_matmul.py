@@ -14,7 +14,7 @@ SHAPES = [(0, 3, 5, 4), (1, 1, 1, 1), (7, 5, 97, 3), (33, 8, 101, 64), (16, 101,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,k,N,D", SHAPES)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-def test_forward(device, backend, dtype, M, k, N, D, index_dtype):
+def test_forward_and_sparse_decode(device, backend, dtype, M, k, N, D, index_dtype):
     if is_slow(device, backend):  # Triton's CPU interpreter: the same case, smaller sizes
         M, D = min(M, 16), min(D, 33)
     g = torch.Generator().manual_seed(M + k + N + D)
@@ -31,7 +31,7 @@ def test_forward(device, backend, dtype, M, k, N, D, index_dtype):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_gradients_match_reference(device, backend):
+def test_sparse_decode_gradients_match_reference(device, backend):
     g = torch.Generator().manual_seed(5)
     M, k, N, D = 9, 6, 37, 11
     values, indices = sparse_inputs(M, k, N, D, torch.float64, device, g)

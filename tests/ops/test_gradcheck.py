@@ -14,8 +14,8 @@ def _rand(*shape, device, seed):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
 
 
-@pytest.mark.parametrize("device,backend", BACKENDS)
-def test_gradcheck_all_ops(device, backend):
+def _float64_cases(device):
+    """op -> [(function of the differentiable inputs, those inputs)], in float64."""
     M, k, N, D = 4, 3, 11, 5
     idx = torch.randint(0, N, (M, k), generator=torch.Generator().manual_seed(0)).to(device)
     values = _rand(M, k, device=device, seed=1)
@@ -25,27 +25,42 @@ def test_gradcheck_all_ops(device, backend):
     x = _rand(M, D, device=device, seed=5)
     b_enc = _rand(N, device=device, seed=6)
     pre = _rand(M, N, device=device, seed=7)
-    gc = torch.autograd.gradcheck
-    assert gc(lambda v, w, b: tckernels.gather_matmul(v, idx, w, b, backend=backend), (values, W, bias))
-    assert gc(lambda a, w: tckernels.gather_dot(a, idx, w, backend=backend), (G, W))
-    assert gc(lambda v, a: tckernels.scatter_matmul(v, idx, a, N, backend=backend), (values, G))
-    assert gc(lambda v, a: tckernels.scatter_matmul(v, idx, a, N, deterministic=True, backend=backend), (values, G))
-    assert gc(lambda p, b: tckernels.topk_relu(p, k, b, backend=backend)[0], (pre, b_enc))
-    assert gc(lambda x_, w, b: tckernels.encode_topk(x_, w, b, k, backend=backend)[0], (x, _rand(N, D, device=device, seed=8), b_enc))
-    assert gc(lambda v, w, b: tckernels.sparse_decode(v, idx, w, b, backend=backend), (values, W, bias))
+    W_enc = _rand(N, D, device=device, seed=8)
+    return {
+        "gather_matmul": [(lambda be, v, w, b: tckernels.gather_matmul(v, idx, w, b, backend=be), (values, W, bias))],
+        "gather_dot": [(lambda be, a, w: tckernels.gather_dot(a, idx, w, backend=be), (G, W))],
+        "scatter_matmul": [
+            (lambda be, v, a: tckernels.scatter_matmul(v, idx, a, N, backend=be), (values, G)),
+            (lambda be, v, a: tckernels.scatter_matmul(v, idx, a, N, deterministic=True, backend=be), (values, G)),
+        ],
+        "topk_relu": [(lambda be, p, b: tckernels.topk_relu(p, k, b, backend=be)[0], (pre, b_enc))],
+        "encode_topk": [(lambda be, x_, w, b: tckernels.encode_topk(x_, w, b, k, backend=be)[0], (x, W_enc, b_enc))],
+        "encode_relu": [(lambda be, x_, w, b: tckernels.encode_relu(x_, w, b, k, backend=be)[0], (x, W_enc, b_enc))],
+        "sparse_decode": [(lambda be, v, w, b: tckernels.sparse_decode(v, idx, w, b, backend=be), (values, W, bias))],
+    }
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
-def test_double_backward_of_primitives(device, backend):
+@pytest.mark.parametrize("op", list(_float64_cases("cpu")))
+def test_gradcheck(op, device, backend):
+    for fn, inputs in _float64_cases(device)[op]:
+        assert torch.autograd.gradcheck(lambda *xs: fn(backend, *xs), inputs)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("op", ["gather_matmul", "gather_dot", "scatter_matmul"])
+def test_double_backward(op, device, backend):
     M, k, N, D = 3, 2, 7, 4
     idx = torch.randint(0, N, (M, k), generator=torch.Generator().manual_seed(1)).to(device)
     values = _rand(M, k, device=device, seed=1)
     W = _rand(N, D, device=device, seed=2)
     G = _rand(M, D, device=device, seed=3)
-    gg = torch.autograd.gradgradcheck
-    assert gg(lambda v, w: tckernels.gather_matmul(v, idx, w, backend=backend), (values, W))
-    assert gg(lambda a, w: tckernels.gather_dot(a, idx, w, backend=backend), (G, W))
-    assert gg(lambda v, a: tckernels.scatter_matmul(v, idx, a, N, backend=backend), (values, G))
+    fn, inputs = {
+        "gather_matmul": (lambda v, w: tckernels.gather_matmul(v, idx, w, backend=backend), (values, W)),
+        "gather_dot": (lambda a, w: tckernels.gather_dot(a, idx, w, backend=backend), (G, W)),
+        "scatter_matmul": (lambda v, a: tckernels.scatter_matmul(v, idx, a, N, backend=backend), (values, G)),
+    }[op]
+    assert torch.autograd.gradgradcheck(fn, inputs)
 
 
 # --- the backward each backend really runs, in the dtypes it implements ---------------------------
