@@ -20,9 +20,9 @@ from tckernels.backends import reference as R
 
 _REASON = None
 try:
-    from tckernels.backends import cpu as C
+    from tckernels.backends import cpu as cpu_backend
 
-    _REASON = C.unavailable_reason()
+    _REASON = cpu_backend.unavailable_reason()
 except ImportError as exc:  # pragma: no cover - depends on the install
     _REASON = f"tckernels.backends.cpu cannot be imported: {exc}"
 
@@ -67,7 +67,7 @@ def _check_sum(actual, exact, abs_sum, n_terms, dtype, what=""):
 
 
 def _topk_equal(pre, k, bias=None):
-    v, i = C.topk_relu(pre, k, bias)
+    v, i = cpu_backend.topk_relu(pre, k, bias)
     rv, ri = R.topk_relu(pre, k, bias)
     assert i.dtype == torch.int64 and v.dtype == pre.dtype
     assert torch.equal(i, ri), f"indices differ in rows {torch.nonzero((i != ri).any(1)).flatten()[:8].tolist()}"
@@ -80,8 +80,8 @@ def _topk_equal(pre, k, bias=None):
 
 
 def test_contract():
-    assert C.DEVICES == ("cpu",)
-    assert C.unavailable_reason() is None
+    assert cpu_backend.DEVICES == ("cpu",)
+    assert cpu_backend.unavailable_reason() is None
     for name in ("cpu_topk_relu", "cpu_gather_matmul", "cpu_gather_dot", "cpu_scatter_matmul"):
         assert hasattr(_native._C, name)
 
@@ -167,7 +167,7 @@ def test_topk_relu_rounding_extremes(dtype):
 
 
 def test_topk_relu_k_zero():
-    v, i = C.topk_relu(torch.randn(3, 5), 0)
+    v, i = cpu_backend.topk_relu(torch.randn(3, 5), 0)
     assert v.shape == (3, 0) and i.shape == (3, 0)
 
 
@@ -204,7 +204,7 @@ def test_gather_matmul(dtype, M, k, N, D, with_bias):
     values, indices = _sparse(M, k, N, D, dtype, g)
     W = _randn((N, D), dtype, g)
     bias = _randn((D,), dtype, g) if with_bias else None
-    out = C.gather_matmul(values, indices, W, bias)
+    out = cpu_backend.gather_matmul(values, indices, W, bias)
     b64 = None if bias is None else bias.double()
     exact = R.gather_matmul(values.double(), indices, W.double(), b64)
     abs_sum = R.gather_matmul(values.double().abs(), indices, W.double().abs(), None if bias is None else b64.abs())
@@ -218,7 +218,7 @@ def test_gather_dot(dtype, M, k, N, D):
     _, indices = _sparse(M, k, N, D, dtype, g)
     G = _randn((M, D), dtype, g)
     W = _randn((N, D), dtype, g)
-    out = C.gather_dot(G, indices, W)
+    out = cpu_backend.gather_dot(G, indices, W)
     exact = R.gather_dot(G.double(), indices, W.double())
     abs_sum = R.gather_dot(G.double().abs(), indices, W.double().abs())
     _check_sum(out, exact, abs_sum, D, dtype, "gather_dot")
@@ -232,7 +232,7 @@ def test_scatter_matmul(dtype, M, k, N, D, deterministic):
     values, indices = _sparse(M, k, N, D, dtype, g)
     G = _randn((M, D), dtype, g)
     n_rows = N + 3  # rows no index points at come out as zeros
-    out = C.scatter_matmul(values, indices, G, n_rows, deterministic)
+    out = cpu_backend.scatter_matmul(values, indices, G, n_rows, deterministic)
     exact = R.scatter_matmul(values.double(), indices, G.double(), n_rows)
     abs_sum = R.scatter_matmul(values.double().abs(), indices, G.double().abs(), n_rows)
     counts = torch.bincount(indices.reshape(-1), minlength=n_rows).double().unsqueeze(1)
@@ -248,7 +248,7 @@ def test_scatter_matmul_hot_feature():
     indices = torch.randint(0, N, (M, k), generator=g)
     indices[:, 0] = 7
     G = _randn((M, D), torch.float32, g)
-    out = C.scatter_matmul(values, indices, G, N, True)
+    out = cpu_backend.scatter_matmul(values, indices, G, N, True)
     exact = R.scatter_matmul(values.double(), indices, G.double(), N)
     abs_sum = R.scatter_matmul(values.double().abs(), indices, G.double().abs(), N)
     counts = torch.bincount(indices.reshape(-1), minlength=N).double().unsqueeze(1)
@@ -270,11 +270,11 @@ def test_bit_identical_runs_and_thread_counts(op, dtype):
     W = _randn((N, D), dtype, g)
     pre = _randn((M, N), dtype, g)
     run = {
-        "topk_relu": lambda: list(C.topk_relu(pre, k, W[:, 0].contiguous())),
-        "gather_matmul": lambda: [C.gather_matmul(values, indices, W, G[0].contiguous())],
-        "gather_dot": lambda: [C.gather_dot(G, indices, W)],
-        "scatter_matmul": lambda: [C.scatter_matmul(values, indices, G, N, True),
-                                   C.scatter_matmul(values, indices, G, N, False)],
+        "topk_relu": lambda: list(cpu_backend.topk_relu(pre, k, W[:, 0].contiguous())),
+        "gather_matmul": lambda: [cpu_backend.gather_matmul(values, indices, W, G[0].contiguous())],
+        "gather_dot": lambda: [cpu_backend.gather_dot(G, indices, W)],
+        "scatter_matmul": lambda: [cpu_backend.scatter_matmul(values, indices, G, N, True),
+                                   cpu_backend.scatter_matmul(values, indices, G, N, False)],
     }[op]
 
     first = run()
@@ -296,12 +296,12 @@ def test_gather_matmul_and_scatter_matmul_load_and_store_every_half_value(dtype)
     N = W.shape[0]
     values = torch.ones(N, 1, dtype=dtype)
     indices = torch.arange(N).reshape(N, 1)
-    out = C.gather_matmul(values, indices, W, None)
+    out = cpu_backend.gather_matmul(values, indices, W, None)
     nan = torch.isnan(W)
     assert torch.isnan(out[nan]).all()
     assert torch.equal(out[~nan].view(torch.int16), W[~nan].view(torch.int16))
     # scatter_matmul sums into zeros like index_add (so -0 comes back as +0, as in the reference)
-    back = C.scatter_matmul(values, indices, W, N, True)
+    back = cpu_backend.scatter_matmul(values, indices, W, N, True)
     assert torch.equal(back[~nan], W[~nan])
     ref = R.scatter_matmul(values, indices, W, N)
     assert torch.equal(back[~nan].view(torch.int16), ref[~nan].view(torch.int16))
@@ -319,7 +319,7 @@ def test_topk_relu_half_rounding_matches_torch(dtype):
     # s = hi + lo is formed in float32 by topk_relu (pre = hi, bias = lo) and rounded to dtype
     hi = a.to(dtype)
     lo = (a - hi.float()).to(dtype)
-    v, i = C.topk_relu(hi.reshape(1, -1), a.numel(), lo)
+    v, i = cpu_backend.topk_relu(hi.reshape(1, -1), a.numel(), lo)
     s = (hi.float() + lo.float())[i[0]]
     torch.testing.assert_close(v[0], torch.relu(s).to(dtype), rtol=0, atol=0, equal_nan=True)
 
@@ -342,11 +342,11 @@ def test_out_of_range_indices_are_skipped(op):
     G = _randn((M, D), torch.float32, g)
     dropped = values.masked_fill(bad, 0.0)
     if op == "gather_matmul":
-        torch.testing.assert_close(C.gather_matmul(values, wild, W), R.gather_matmul(dropped, indices, W))
+        torch.testing.assert_close(cpu_backend.gather_matmul(values, wild, W), R.gather_matmul(dropped, indices, W))
     elif op == "gather_dot":
-        torch.testing.assert_close(C.gather_dot(G, wild, W), R.gather_dot(G, indices, W).masked_fill(bad, 0.0))
+        torch.testing.assert_close(cpu_backend.gather_dot(G, wild, W), R.gather_dot(G, indices, W).masked_fill(bad, 0.0))
     else:
-        torch.testing.assert_close(C.scatter_matmul(values, wild, G, N), R.scatter_matmul(dropped, indices, G, N))
+        torch.testing.assert_close(cpu_backend.scatter_matmul(values, wild, G, N), R.scatter_matmul(dropped, indices, G, N))
 
 
 def _raises(match, fn, *args):
@@ -358,20 +358,20 @@ def _raises(match, fn, *args):
 def test_bad_arguments_raise_value_error(op):
     x = torch.randn(4, 6)
     if op == "topk_relu":
-        _raises("^cpu backend: pre must be contiguous$", C.topk_relu, x.t(), 2)
-        _raises(r"^cpu backend: k must satisfy 0 <= k <= N=6, got 7$", C.topk_relu, x, 7)
+        _raises("^cpu backend: pre must be contiguous$", cpu_backend.topk_relu, x.t(), 2)
+        _raises(r"^cpu backend: k must satisfy 0 <= k <= N=6, got 7$", cpu_backend.topk_relu, x, 7)
         _raises(r"^cpu backend: bias must have dtype torch.float32, got torch.float64$",
-                C.topk_relu, x, 2, torch.randn(6, dtype=torch.float64))
+                cpu_backend.topk_relu, x, 2, torch.randn(6, dtype=torch.float64))
         # the native layer checks too, and its std::invalid_argument arrives as ValueError
         _raises("k must satisfy", _native._C.cpu_topk_relu, x.data_ptr(), 0, 0, 0, 4, 6, 7, 0, 1)
     elif op == "gather_matmul":
         _raises(r"^cpu backend: indices must have dtype torch.int64, got torch.int32$",
-                C.gather_matmul, torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.int32), x)
+                cpu_backend.gather_matmul, torch.randn(4, 2), torch.zeros(4, 2, dtype=torch.int32), x)
     elif op == "gather_dot":
         _raises(r"^cpu backend: W must have 5 columns like G, got shape \(4, 6\)$",
-                C.gather_dot, torch.randn(4, 5), torch.zeros(4, 2, dtype=torch.int64), x)
+                cpu_backend.gather_dot, torch.randn(4, 5), torch.zeros(4, 2, dtype=torch.int64), x)
         _raises("dtype", _native._C.cpu_gather_dot, x.data_ptr(), x.data_ptr(), x.data_ptr(), x.data_ptr(),
                 1, 1, 1, 1, 9, 1)
     else:
         _raises(r"^cpu backend: values must have shape \(4, 2\), got \(4, 3\)$",
-                C.scatter_matmul, torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), x, 6)
+                cpu_backend.scatter_matmul, torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.int64), x, 6)

@@ -30,7 +30,7 @@ def _skip_reason():
 
 _REASON = _skip_reason()
 
-from tckernels.backends import cuda as C  # noqa: E402
+from tckernels.backends import cuda as cuda_backend  # noqa: E402
 
 # Collected everywhere and skipped where they cannot run, so a CPU machine can count them (the
 # GPU kit's time plan does).
@@ -62,7 +62,7 @@ def _ref_topk(pre, k, bias):
 
 
 def _check_topk(pre, k, bias=None, rows=None):
-    v, i = C.topk_relu(pre, k, bias)
+    v, i = cuda_backend.topk_relu(pre, k, bias)
     M = pre.shape[0]
     assert v.shape == (M, k) and i.shape == (M, k)
     assert v.dtype == pre.dtype and i.dtype == torch.int64 and v.device == pre.device
@@ -221,7 +221,7 @@ def test_gather_matmul(M, N, k, D, dtype):
     g = _gen("gmm", M, N, k, D, str(dtype))
     values, indices, W = _sparse(M, k, N, D, dtype, g)
     bias = _randn((D,), dtype, g) if (M + N + D) % 2 else None
-    out = C.gather_matmul(values, indices, W, bias)
+    out = cuda_backend.gather_matmul(values, indices, W, bias)
     assert out.shape == (M, D) and out.dtype == dtype
     terms = values.double().unsqueeze(-1) * W.double()[indices]  # [M, k, D]
     exact = terms.sum(1) + (bias.double() if bias is not None else 0)
@@ -237,7 +237,7 @@ def test_gather_dot(M, N, k, D, dtype):
     g = _gen("gdot", M, N, k, D, str(dtype))
     _, indices, W = _sparse(M, k, N, D, dtype, g)
     G = _randn((M, D), dtype, g)
-    out = C.gather_dot(G, indices, W)
+    out = cuda_backend.gather_dot(G, indices, W)
     assert out.shape == (M, k) and out.dtype == dtype
     terms = G.double().unsqueeze(1) * W.double()[indices]  # [M, k, D]
     exact, abs_sum = terms.sum(-1), terms.abs().sum(-1)
@@ -269,7 +269,7 @@ def test_scatter_matmul(M, N, k, D, dtype, deterministic):
     g = _gen("scat", M, N, k, D, str(dtype), deterministic)
     values, indices, _ = _sparse(M, k, N, D, dtype, g)
     G = _randn((M, D), dtype, g)
-    out = C.scatter_matmul(values, indices, G, N, deterministic)
+    out = cuda_backend.scatter_matmul(values, indices, G, N, deterministic)
     assert out.shape == (N, D) and out.dtype == dtype
     exact, abs_sum, counts = _scatter_exact(values, indices, G, N)
     _assert_within(out, exact, _tol(exact, abs_sum, counts, dtype), f"scatter_matmul(det={deterministic})")
@@ -283,10 +283,10 @@ def test_scatter_matmul_deterministic_is_bit_identical(D, dtype):
     M, k, N = 4096, 8, 16
     values, indices, _ = _sparse(M, k, N, D, dtype, g)
     G = _randn((M, D), dtype, g)
-    first = C.scatter_matmul(values, indices, G, N, True)
+    first = cuda_backend.scatter_matmul(values, indices, G, N, True)
     bits = first.view(torch.int16 if dtype != torch.float32 else torch.int32)
     for _ in range(3):
-        again = C.scatter_matmul(values, indices, G, N, True)
+        again = cuda_backend.scatter_matmul(values, indices, G, N, True)
         assert torch.equal(again.view(bits.dtype), bits)
     exact, abs_sum, counts = _scatter_exact(values, indices, G, N)
     _assert_within(first, exact, _tol(exact, abs_sum, counts, dtype), "deterministic scatter")
@@ -298,7 +298,7 @@ def test_scatter_matmul_rows_beyond_used_features_are_zero():
     indices = torch.randint(0, 4, (5, 3), generator=g).to(DEV)  # features 4..99 unused
     G = _randn((5, 8), torch.float32, g)
     for det in (False, True):
-        out = C.scatter_matmul(values, indices, G, 100, det)
+        out = cuda_backend.scatter_matmul(values, indices, G, 100, det)
         assert torch.equal(out[4:], torch.zeros_like(out[4:]))
 
 
@@ -317,14 +317,14 @@ def test_out_of_range_indices_are_skipped(op):
     safe = torch.where(keep, bad, torch.zeros_like(bad))
     masked = values * keep
     if op == "gather_matmul":
-        torch.testing.assert_close(C.gather_matmul(values, bad, W), R.gather_matmul(masked, safe, W))
+        torch.testing.assert_close(cuda_backend.gather_matmul(values, bad, W), R.gather_matmul(masked, safe, W))
     elif op == "gather_dot":
-        dot = C.gather_dot(G, bad, W)
+        dot = cuda_backend.gather_dot(G, bad, W)
         torch.testing.assert_close(dot[keep], R.gather_dot(G, safe, W)[keep])
         assert torch.equal(dot[~keep], torch.zeros_like(dot[~keep]))
     else:
         for det in (False, True):
-            torch.testing.assert_close(C.scatter_matmul(values, bad, G, N, det), R.scatter_matmul(masked, safe, G, N))
+            torch.testing.assert_close(cuda_backend.scatter_matmul(values, bad, G, N, det), R.scatter_matmul(masked, safe, G, N))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
@@ -339,17 +339,17 @@ def test_misaligned_views(op, dtype):
     Gb = _randn((M * D + 3,), dtype, g)
     G = Gb[3:].view(M, D)
     if op == "gather_matmul":
-        out = C.gather_matmul(values, indices, W)
+        out = cuda_backend.gather_matmul(values, indices, W)
         terms = values.double().unsqueeze(-1) * W.double()[indices]
         _assert_within(out, terms.sum(1), _tol(terms.sum(1), terms.abs().sum(1), k, dtype), "gather_matmul")
     elif op == "gather_dot":
         dots = G.double().unsqueeze(1) * W.double()[indices]
-        _assert_within(C.gather_dot(G, indices, W), dots.sum(-1), _tol(dots.sum(-1), dots.abs().sum(-1), D, dtype),
+        _assert_within(cuda_backend.gather_dot(G, indices, W), dots.sum(-1), _tol(dots.sum(-1), dots.abs().sum(-1), D, dtype),
                        "dot")
     else:
         exact, abs_sum, counts = _scatter_exact(values, indices, G, N)
         for det in (False, True):
-            _assert_within(C.scatter_matmul(values, indices, G, N, det), exact, _tol(exact, abs_sum, counts, dtype),
+            _assert_within(cuda_backend.scatter_matmul(values, indices, G, N, det), exact, _tol(exact, abs_sum, counts, dtype),
                            "sc")
 
 
@@ -359,11 +359,11 @@ def test_float64_uses_reference(op):
     values, indices, W = _sparse(7, 3, 20, 5, torch.float64, g)
     G = _randn((7, 5), torch.float64, g)
     if op == "gather_matmul":
-        torch.testing.assert_close(C.gather_matmul(values, indices, W), R.gather_matmul(values, indices, W))
+        torch.testing.assert_close(cuda_backend.gather_matmul(values, indices, W), R.gather_matmul(values, indices, W))
     elif op == "gather_dot":
-        torch.testing.assert_close(C.gather_dot(G, indices, W), R.gather_dot(G, indices, W))
+        torch.testing.assert_close(cuda_backend.gather_dot(G, indices, W), R.gather_dot(G, indices, W))
     else:
-        torch.testing.assert_close(C.scatter_matmul(values, indices, G, 20, True),
+        torch.testing.assert_close(cuda_backend.scatter_matmul(values, indices, G, 20, True),
                                    R.scatter_matmul(values, indices, G, 20))
 
 
@@ -373,11 +373,11 @@ def test_float64_uses_reference(op):
 
 # op -> its calls on _op_inputs(), as a list of outputs
 _OPS = {
-    "topk_relu": lambda pre, bias, values, indices, W, G, n: list(C.topk_relu(pre, 16, bias)),
-    "gather_matmul": lambda pre, bias, values, indices, W, G, n: [C.gather_matmul(values, indices, W, None)],
-    "gather_dot": lambda pre, bias, values, indices, W, G, n: [C.gather_dot(G, indices, W)],
-    "scatter_matmul": lambda pre, bias, values, indices, W, G, n: [C.scatter_matmul(values, indices, G, n, False),
-                                                                   C.scatter_matmul(values, indices, G, n, True)],
+    "topk_relu": lambda pre, bias, values, indices, W, G, n: list(cuda_backend.topk_relu(pre, 16, bias)),
+    "gather_matmul": lambda pre, bias, values, indices, W, G, n: [cuda_backend.gather_matmul(values, indices, W, None)],
+    "gather_dot": lambda pre, bias, values, indices, W, G, n: [cuda_backend.gather_dot(G, indices, W)],
+    "scatter_matmul": lambda pre, bias, values, indices, W, G, n: [cuda_backend.scatter_matmul(values, indices, G, n, False),
+                                                                   cuda_backend.scatter_matmul(values, indices, G, n, True)],
 }
 
 
@@ -440,7 +440,7 @@ def test_topk_relu_on_a_second_device():
     g = _gen("dev1")
     pre = torch.randn(5, 3000, generator=g).to("cuda:1")
     with torch.cuda.device(0):
-        v, i = C.topk_relu(pre, 10, None)
+        v, i = cuda_backend.topk_relu(pre, 10, None)
         rv, ri = R.topk_relu(pre.cpu(), 10, None)
         assert v.device == pre.device
         assert torch.equal(i.cpu(), ri) and torch.equal(v.cpu(), rv)
@@ -483,12 +483,12 @@ def test_gather_matmul_gather_dot_scatter_matmul_past_2_31_elements(deterministi
     values = _randn((M, k), dtype, g)
     G = _randn((M, D), dtype, g)
     terms = values.double().unsqueeze(-1) * W[indices].double()
-    _assert_within(C.gather_matmul(values, indices, W), terms.sum(1),
+    _assert_within(cuda_backend.gather_matmul(values, indices, W), terms.sum(1),
                    _tol(terms.sum(1), terms.abs().sum(1), k, dtype), "gather_matmul")
     dots = G.double().unsqueeze(1) * W[indices].double()
-    _assert_within(C.gather_dot(G, indices, W), dots.sum(-1), _tol(dots.sum(-1), dots.abs().sum(-1), D, dtype), "dot")
+    _assert_within(cuda_backend.gather_dot(G, indices, W), dots.sum(-1), _tol(dots.sum(-1), dots.abs().sum(-1), D, dtype), "dot")
     del W, terms, dots
-    out = C.scatter_matmul(values, indices, G, N, deterministic)
+    out = cuda_backend.scatter_matmul(values, indices, G, N, deterministic)
     used, compact = torch.unique(indices, return_inverse=True)
     exact, abs_sum, counts = _scatter_exact(values, compact, G, used.numel())  # over the used rows only
     _assert_within(out[used], exact, _tol(exact, abs_sum, counts, dtype), "scatter")
@@ -505,21 +505,21 @@ def test_topk_relu_gather_matmul_gather_dot_scatter_matmul_at_transcoder_shapes(
     pre = _randn((M, N), dtype, g)
     bias = _randn((N,), dtype, g)
     _check_topk(pre, k, bias, rows=torch.arange(0, M, max(1, M // 64), device=DEV))
-    values, indices = C.topk_relu(pre, k, bias)
+    values, indices = cuda_backend.topk_relu(pre, k, bias)
     del pre
     W = _randn((N, D), dtype, g, scale=0.02)
     G = _randn((M, D), dtype, g)
     sub = slice(0, 8)
     terms = values[sub].double().unsqueeze(-1) * W.double()[indices[sub]]
-    _assert_within(C.gather_matmul(values, indices, W)[sub], terms.sum(1),
+    _assert_within(cuda_backend.gather_matmul(values, indices, W)[sub], terms.sum(1),
                    _tol(terms.sum(1), terms.abs().sum(1), k, dtype), "gather_matmul")
     dots = G[sub].double().unsqueeze(1) * W.double()[indices[sub]]
-    _assert_within(C.gather_dot(G, indices, W)[sub], dots.sum(-1),
+    _assert_within(cuda_backend.gather_dot(G, indices, W)[sub], dots.sum(-1),
                    _tol(dots.sum(-1), dots.abs().sum(-1), D, dtype), "gather_dot")
     used, compact = torch.unique(indices, return_inverse=True)
     exact, abs_sum, counts = _scatter_exact(values, compact, G, used.numel())  # over the used rows only
     for det in (False, True):
-        out = C.scatter_matmul(values, indices, G, N, det)
+        out = cuda_backend.scatter_matmul(values, indices, G, N, det)
         _assert_within(out[used], exact, _tol(exact, abs_sum, counts, dtype), f"scatter det={det}")
         nonzero = (out != 0).any(1)
         nonzero[used] = False
