@@ -23,9 +23,17 @@ __all__ = [
     "has_cuda_kernels",
 ]
 
-# The HF model wrappers register their Auto classes on import, so that
+# tckernels.models (Hugging Face) is imported on first use, not here: it imports transformers. Its
+# Auto classes are registered as soon as transformers is imported, so that
 # AutoModelForCausalLM.from_pretrained works on saved adapter models after `import tckernels`.
-import importlib.util as _importlib_util  # noqa: E402
+from tckernels._hf_registration import register_when_transformers_is_imported  # noqa: E402
 
-if _importlib_util.find_spec("transformers") is not None:
-    from tckernels import models  # noqa: E402,F401
+register_when_transformers_is_imported()
+
+
+def __getattr__(name):
+    if name in ("models", "nn"):  # subpackages, imported when first reached as attributes
+        import importlib
+
+        return importlib.import_module(f"tckernels.{name}")
+    raise AttributeError(f"module 'tckernels' has no attribute {name!r}")

@@ -28,3 +28,24 @@ def test_missing_extension_falls_back_with_one_warning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+def test_the_advice_names_a_shadowing_source_tree(tmp_path):
+    from tckernels._native import advice
+
+    checkout = tmp_path / "checkout"
+    (checkout / "tckernels").mkdir(parents=True)
+    (checkout / "csrc").mkdir()
+    (checkout / "pyproject.toml").write_text("")
+    installed = tmp_path / "site-packages" / "tckernels"
+    installed.mkdir(parents=True)
+
+    shadowed = advice(checkout / "tckernels", installed)
+    assert f"from the source tree {(checkout / 'tckernels').resolve()}, which shadows the installed copy" in shadowed
+    assert str(installed) in shadowed and "Run from another directory" in shadowed
+
+    unbuilt = advice(checkout / "tckernels", None)
+    assert f"`pip install -e {checkout.resolve()}` builds it there" in unbuilt and "TCK_CUDA=0" in unbuilt
+
+    broken_install = advice(installed, None)
+    assert "Reinstall with `pip install -v tckernels`" in broken_install
