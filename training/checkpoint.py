@@ -185,7 +185,9 @@ def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]
     if resume_from == "latest":
         path = latest_checkpoint(output_dir)
         if path is None:
-            raise CheckpointError(f"--resume_from latest: no checkpoint in {checkpoints_dir(output_dir)}")
+            raise CheckpointError(f"--resume_from latest: no checkpoint in {checkpoints_dir(output_dir)} to resume "
+                                  f"from; to start a new run there, drop --resume_from (and add "
+                                  f"--overwrite_output_dir if output_dir holds an earlier run)")
         return path
     path = resume_from
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, TRAINER)):
@@ -200,13 +202,32 @@ def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]
 
 
 def load_checkpoint(path: str, model) -> dict:
-    """Load the adapters into ``model`` and return the trainer state."""
+    """Load the adapters into ``model`` and return the trainer state. A file that cannot be read is
+    named in the error (which file of which checkpoint is damaged is what the user needs to know)."""
     from safetensors.torch import load_file
 
+    adapters, trainer = os.path.join(path, ADAPTERS), os.path.join(path, TRAINER)
     try:
-        load_adapter_state(model, load_file(os.path.join(path, ADAPTERS)))
-        return torch.load(os.path.join(path, TRAINER), map_location="cpu", weights_only=False)
-    except CheckpointError:
-        raise
+        weights = load_file(adapters)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{adapters}: cannot read the adapters ({type(e).__name__}: {e})"
+                              f"{_other_checkpoints(path)}") from None
+    try:
+        load_adapter_state(model, weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"{adapters}: {e}") from None
+    try:
+        state = torch.load(trainer, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{trainer}: cannot read the training state ({type(e).__name__}: {e})"
+                              f"{_other_checkpoints(path)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{trainer}: expected the training state (a dict), got {type(state).__name__}")
+    return state
+
+
+def _other_checkpoints(path: str) -> str:
+    """'; other checkpoints to resume from: ...' for the directory holding checkpoint ``path``."""
+    others = [p for p in list_checkpoints(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+              if os.path.abspath(p) != os.path.abspath(path)]
+    return f"; other checkpoints to resume from: {', '.join(others)}" if others else ""

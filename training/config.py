@@ -3,11 +3,13 @@
     python -m training.train --config training/configs/r1_distil_7b.yaml --learning_rate 1e-3 --l1_weight 0.01
 
 Every field can be set in the YAML file or as ``--field value`` (or ``--field=value``); the command
-line wins. Unknown keys and values of the wrong type are errors that list what is valid. Numbers
-written ``8e-4`` (which YAML reads as a string) are accepted for float fields; ``null``/``none``
-sets an optional field to None.
+line wins. A bool field given alone (``--overwrite_output_dir``) is true. Unknown keys are errors
+that suggest the closest field names; values of the wrong type are errors that name the field and
+the type expected. Numbers written ``8e-4`` (which YAML reads as a string) are accepted for float
+fields; ``null``/``none`` sets an optional field to None.
 """
 import dataclasses
+import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -92,7 +94,10 @@ class Config:
     log_every: int = _f(1, "steps between metric lines")
     save_every: int = _f(0, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "most recent checkpoints kept")
-    resume_from: Optional[str] = _f(None, "checkpoint directory to resume, or 'latest' (in output_dir)")
+    resume_from: Optional[str] = _f(None, "checkpoint directory to resume, or 'latest' (the newest in output_dir)")
+    overwrite_output_dir: bool = _f(False, "start afresh in an output_dir that holds an earlier run, deleting its "
+                                    "checkpoints, metrics, summary and final model (without this or resume_from, "
+                                    "such a run is refused)")
     halt_at_step: Optional[int] = _f(None, "stop (with a checkpoint) after this step, as if interrupted")
     save_final_model: bool = _f(True, "save the adapted model with save_pretrained at the end")
     progress_bar: bool = _f(True, "show a progress bar (rank 0; progress lines instead when not on a terminal)")
@@ -150,6 +155,9 @@ class Config:
                 errs.append(f"{name}: must be given")
         if not self.hesitation_word:
             errs.append("hesitation_word: must not be empty")
+        if self.overwrite_output_dir and self.resume_from == "latest":
+            errs.append("overwrite_output_dir: cannot be combined with resume_from 'latest' (resuming continues "
+                        "the run in output_dir, overwriting deletes it); choose one")
         if errs:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
         return self
@@ -166,8 +174,12 @@ def field_names() -> list:
     return list(FIELDS)
 
 
-def _valid_list() -> str:
-    return ", ".join(FIELDS)
+def _suggest(name, prefix: str = "") -> str:
+    """"did you mean ...?" for an unknown field name (listing all ~60 fields would bury the answer)."""
+    close = difflib.get_close_matches(str(name).replace("-", "_"), list(FIELDS), n=3)
+    if close:
+        return "did you mean " + " or ".join(prefix + c for c in close) + "?"
+    return "no field is close; python -m training.train --help lists them all"
 
 
 def _base_type(tp):
@@ -185,7 +197,7 @@ _FALSE = {"false", "no", "off", "0"}
 def coerce(name: str, value: Any, from_cli: bool = False):
     """``value`` as the type of field ``name``; ConfigError naming the field and type otherwise."""
     if name not in FIELDS:
-        raise ConfigError(f"unknown config key {name!r}; valid keys: {_valid_list()}")
+        raise ConfigError(f"unknown config key {name!r} ({_suggest(name)})")
     tp, optional = _base_type(_HINTS[name])
     tname = tp.__name__ + (" or null" if optional else "")
     if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and optional:
@@ -245,13 +257,25 @@ def load_yaml(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"config file {path!r}: cannot read it as YAML ({e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r}: expected a mapping of keys to values")
     return data
+
+
+def _yaml_problem(e) -> str:
+    """PyYAML's error as 'line L, column C: problem (context from line ...)', lines counted from 1."""
+    m = e.problem_mark
+    text = f"line {m.line + 1}, column {m.column + 1}: {e.problem}" if m is not None else str(e.problem)
+    if e.context:
+        cm = e.context_mark
+        text += f" ({e.context}" + (f" from line {cm.line + 1}, column {cm.column + 1}" if cm is not None else "") + ")"
+    return text
 
 
 def _resolve_path(value: Optional[str], base_dir: str) -> Optional[str]:
@@ -264,12 +288,16 @@ def _resolve_path(value: Optional[str], base_dir: str) -> Optional[str]:
 PATH_FIELDS = ("base_model", "reference_model", "tokenizer", "train_data", "val_data")
 
 
-def from_dict(values: dict, from_cli: bool = False) -> dict:
+def from_dict(values: dict, from_cli: bool = False, source: Optional[str] = None) -> dict:
+    """``values`` typed as the fields they name; ``source`` (e.g. the YAML file) prefixes the errors."""
+    where = f"{source}: " if source else ""
     unknown = [k for k in values if k not in FIELDS]
     if unknown:
-        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                          f"valid keys: {_valid_list()}")
-    return {k: coerce(k, v, from_cli) for k, v in values.items()}
+        raise ConfigError(where + "; ".join(f"unknown config key {k!r} ({_suggest(k)})" for k in unknown))
+    try:
+        return {k: coerce(k, v, from_cli) for k, v in values.items()}
+    except ConfigError as e:
+        raise ConfigError(where + str(e)) from None
 
 
 def parse_overrides(argv: list) -> tuple:
@@ -278,22 +306,38 @@ def parse_overrides(argv: list) -> tuple:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"unexpected argument {arg!r}; use --field value (valid fields: {_valid_list()})")
+            raise ConfigError(f"unexpected argument {arg!r}; expected --field value "
+                              "(python -m training.train --help lists the fields)")
         key, eq, val = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"--{key} needs a value")
-            val = argv[i + 1]
-            i += 1
-        i += 1
         key = key.replace("-", "_")
+        if key != "config" and key not in FIELDS:
+            raise ConfigError(f"unknown option --{key} ({_suggest(key, '--')})")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            is_bool = key in FIELDS and _base_type(_HINTS[key])[0] is bool
+            if is_bool and (nxt is None or nxt.startswith("--")):
+                val = "true"  # a bool flag given alone, e.g. --overwrite_output_dir
+            elif nxt is None:
+                raise ConfigError(f"--{key} needs a value")
+            else:
+                val = nxt
+                i += 1
+        i += 1
         if key == "config":
             cfg_path = val
-        elif key not in FIELDS:
-            raise ConfigError(f"unknown option --{key}; valid fields: {_valid_list()}")
         else:
             out[key] = val
     return cfg_path, out
+
+
+def yaml_values(path: str) -> dict:
+    """The typed values of the YAML file ``path``, its ./ and ../ paths resolved."""
+    values = from_dict(load_yaml(path), source=f"config file {path!r}")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    for k in PATH_FIELDS:
+        if k in values:
+            values[k] = _resolve_path(values[k], base_dir)
+    return values
 
 
 def load_config(argv: Optional[list] = None, default_config: str = DEFAULT_CONFIG) -> Config:
@@ -302,25 +346,54 @@ def load_config(argv: Optional[list] = None, default_config: str = DEFAULT_CONFI
     argv = list(argv or [])
     cfg_path, overrides = parse_overrides(argv)
     path = cfg_path or default_config
-    raw = load_yaml(path)
-    values = from_dict(raw)
-    base_dir = os.path.dirname(os.path.abspath(path))
-    for k in PATH_FIELDS:
-        if k in values:
-            values[k] = _resolve_path(values[k], base_dir)
+    values = yaml_values(path)
     values.update(from_dict(overrides, from_cli=True))
     cfg = Config(**values)
     cfg.config_path = path  # not a field: where the YAML came from
     return cfg.validate()
 
 
-def help_text() -> str:
+def config_path_of(argv: list) -> Optional[str]:
+    """The path after ``--config`` (or ``--config=``) in ``argv``, without checking anything else."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.partition("=")[2]
+    return None
+
+
+def _shown(name: str, value) -> str:
+    # resolved model and data paths read better relative to where the command runs
+    if name in PATH_FIELDS and isinstance(value, str) and os.path.isabs(value):
+        rel = os.path.relpath(value)
+        if not rel.startswith(".."):
+            return repr(rel)
+    return repr(value)
+
+
+def help_text(config_path: Optional[str] = None) -> str:
+    """Every field with the default that applies: the value in ``config_path`` (default: tiny.yaml,
+    what a run without --config uses) and, where that differs from it, the built-in default too."""
+    path = config_path or DEFAULT_CONFIG
+    values = yaml_values(path)
+    shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+    source = (f"{shown} (given by --config)" if config_path else
+              f"{shown}, which a run without --config uses")
     lines = ["usage: python -m training.train [--config FILE.yaml] [--field value ...]", "",
-             f"Without --config the embedded default {os.path.relpath(DEFAULT_CONFIG)} is used.", "", "fields:"]
+             "Every field can be set in the YAML file or as --field value (the command line wins); a bool field",
+             "given alone (e.g. --overwrite_output_dir) is true.", "",
+             f"Defaults below are those of {source}.",
+             "[built-in X] marks a value that differs from the built-in default X, which a --config file that",
+             "does not set the field gets.",
+             "", "fields:"]
     for f in dataclasses.fields(Config):
         tp, opt = _base_type(_HINTS[f.name])
         t = tp.__name__ + ("?" if opt else "")
         ch = f.metadata.get("choices")
-        lines.append(f"  --{f.name} ({t}, default {f.default!r}{', one of ' + '/'.join(ch) if ch else ''})")
+        default = _shown(f.name, values.get(f.name, f.default))
+        if f.name in values and values[f.name] != f.default:
+            default += f" [built-in {f.default!r}]"
+        lines.append(f"  --{f.name} ({t}, default {default}{', one of ' + '/'.join(ch) if ch else ''})")
         lines.append(f"      {f.metadata['doc']}")
     return "\n".join(lines)

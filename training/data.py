@@ -43,7 +43,11 @@ def load_tokenizer(path: str):
     """The character tokenizer when ``path`` holds one (the embedded tiny models), else the model's HF
     tokenizer."""
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, CHAR_TOKENIZER_FILE)):
-        return CharTokenizer.from_pretrained(path)
+        file = os.path.join(path, CHAR_TOKENIZER_FILE)
+        try:
+            return CharTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # json errors are ValueErrors
+            raise DataError(f"{file}: not a readable character tokenizer ({type(e).__name__}: {e})") from None
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -251,16 +255,18 @@ def _read_jsonl(path: str) -> list[Any]:
 def _read_parquet(path: str) -> list[Any]:
     try:
         import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
     except ImportError:
-        pass
+        pq = None
     try:
+        if pq is not None:
+            return pq.read_table(path).to_pylist()
         import pandas as pd
 
         return pd.read_parquet(path).to_dict(orient="records")
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow or pandas (pip install pyarrow)") from None
+    except Exception as e:  # a damaged file: pyarrow's message does not name it
+        raise DataError(f"{path}: cannot read it as parquet ({type(e).__name__}: {e})") from None
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -280,6 +286,8 @@ def load_records(path: str, split: str = "train") -> list[Any]:
                 return _read_jsonl(path)
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e})") from None
         raise DataError(f"{path}: unknown data file type (expected .jsonl, .json or .parquet)")
     try:
         import datasets
@@ -288,7 +296,10 @@ def load_records(path: str, split: str = "train") -> list[Any]:
     if _is_saved_dataset(path):
         if datasets is None:
             raise DataError(f"{path}: a saved HF dataset needs the `datasets` package (pip install datasets)")
-        ds = datasets.load_from_disk(path)
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:
+            raise DataError(f"{path}: cannot load the saved HF dataset ({type(e).__name__}: {e})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{path}: no split {split!r} (splits: {list(ds)})")

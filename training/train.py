@@ -13,6 +13,8 @@ clipping, AdamW on the adapter parameters only (float32), a cosine schedule with
 ``<output_dir>/metrics.jsonl`` and the progress bar; checkpoints every ``save_every`` steps; a
 non-finite loss or gradient stops the run and leaves the last good checkpoint in place. At the end:
 validation, sample generations, ``summary.json`` and the adapted model (``final_model/``, HF format).
+An output_dir that holds an earlier run is refused unless ``resume_from`` continues that run or
+``overwrite_output_dir`` replaces it.
 
 ``_run`` is that loop: ``setup`` (a ``Trainer``), ``validate_at_start``, then per step ``train_step``,
 ``log_step``, ``validate_periodically`` and ``write_checkpoint`` when due, and ``finish``.
@@ -23,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ import torch.distributed as dist
 
 from tckernels.nn.metrics import advance_tokens_since_fired_
 from training import checkpoint as ckpt
-from training.config import Config, ConfigError, help_text, load_config
+from training.config import Config, ConfigError, config_path_of, help_text, load_config
 from training.data import DataError, ResumableBatches, load_records, load_tokenizer, prepare_examples
 from training.evaluate import sample_generations, validate
 from training.losses import BridgingObjective, sample_cutoffs
@@ -236,6 +239,56 @@ def preflight(cfg: Config) -> None:
         raise SetupError(f"output_dir {cfg.output_dir!r} is not writable")
 
 
+# what a run writes into output_dir; any of them there means the directory holds an earlier run
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "final_model", "tensorboard")
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory + os.sep)
+
+
+def check_output_dir(cfg: Config, resume_path: Optional[str]) -> list:
+    """Refuse to write over an earlier run in ``output_dir`` unless told: resuming from one of its own
+    checkpoints continues it; ``overwrite_output_dir`` replaces it. Returns the earlier run's outputs
+    that ``clear_earlier_run`` is to delete (none unless overwriting)."""
+    out = cfg.output_dir
+    found = [n for n in RUN_OUTPUTS if os.path.lexists(os.path.join(out, n))]
+    if not found:
+        return []
+    continuing = resume_path is not None and _inside(resume_path, ckpt.checkpoints_dir(out))
+    if continuing and cfg.overwrite_output_dir:
+        raise SetupError(f"resume_from {cfg.resume_from!r} is a checkpoint in output_dir {out!r}, which "
+                         f"overwrite_output_dir would delete; choose one of them")
+    if continuing:
+        return []
+    if not cfg.overwrite_output_dir:
+        why = (f"and resume_from {cfg.resume_from!r} is not one of its checkpoints"
+               if resume_path is not None else "and this run would overwrite it")
+        raise SetupError(
+            f"output_dir {out!r} holds an earlier run ({', '.join(found)}), {why}. To continue that run, "
+            f"add --resume_from latest; to delete it and start afresh, add --overwrite_output_dir; "
+            f"or choose another --output_dir")
+    return found
+
+
+def clear_earlier_run(cfg: Config, found: list) -> None:
+    """Delete the earlier run's outputs ``found`` in output_dir (what ``overwrite_output_dir`` asked
+    for), so its checkpoints, metrics and final model cannot be mistaken for this run's. Other files
+    there are left alone."""
+    for n in found:
+        p = os.path.join(cfg.output_dir, n)
+        try:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
+        except OSError as e:
+            raise SetupError(f"overwrite_output_dir: cannot delete {p!r} ({e})") from None
+    if found:
+        print(f"overwrite_output_dir: deleted the earlier run's {', '.join(found)} in {cfg.output_dir}", flush=True)
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
     """The learning-rate factor of optimizer step ``step`` (from 0): Hugging Face's cosine schedule
     with linear warmup (``get_cosine_schedule_with_warmup``, the original's), so the first step has
@@ -286,12 +339,13 @@ class Trainer:
 
 
 def setup(cfg: Config, pg: Dist) -> Trainer:
-    """Check the configuration, files and model pair, load the data and models, and build the
-    objective, optimizer and schedule; then resume from a checkpoint when asked. Every problem is
-    raised here, before any training."""
+    """Check the configuration, files, output_dir and model pair, load the data and models, and build
+    the objective, optimizer and schedule; then resume from a checkpoint when asked. Every problem is
+    raised here, before any training (and before overwrite_output_dir deletes anything)."""
     device = pg.device
     preflight(cfg)
     resume_path = ckpt.resolve_resume(cfg.resume_from, cfg.output_dir)
+    earlier_run = check_output_dir(cfg, resume_path)  # deleted (when overwriting) once every check passed
     cb = _load_config_of("base_model", cfg.base_model)
     cr = _load_config_of("reference_model", cfg.reference_model)
     check_pair_configs(cb, cr)
@@ -327,6 +381,8 @@ def setup(cfg: Config, pg: Dist) -> Trainer:
                  silent_for=silent_for)
     if resume_path is not None:
         resume(tr, resume_path)
+    if pg.main:
+        clear_earlier_run(cfg, earlier_run)
     tr.reporter = Reporter(cfg, pg.main, tr.step if resume_path is not None else None)
     if pg.main:
         n_params = sum(p.numel() for p in params)
@@ -365,14 +421,20 @@ def resume(tr: Trainer, path: str) -> None:
     """Load checkpoint ``path`` into the adapters and ``tr``, so that training continues exactly
     where it stopped."""
     state = ckpt.load_checkpoint(path, tr.adapted)
-    tr.optimizer.load_state_dict(state["optimizer"])
-    tr.scheduler.load_state_dict(state["scheduler"])
-    tr.batches.load_state_dict(state["data"])
-    tr.step, tr.tokens_seen, tr.start_eval = state["step"], state["tokens"], state.get("start_eval")
-    rngs = state["rng"]
-    # each process continues its own RNG streams; one the checkpoint has none for takes the first's
-    ckpt.set_rng_state(rngs[tr.pg.rank] if tr.pg.rank < len(rngs) else rngs[0])
-    tr.silent_for.copy_(state["silent_for"])
+    try:
+        tr.optimizer.load_state_dict(state["optimizer"])
+        tr.scheduler.load_state_dict(state["scheduler"])
+        tr.batches.load_state_dict(state["data"])
+        tr.step, tr.tokens_seen, tr.start_eval = state["step"], state["tokens"], state.get("start_eval")
+        rngs = state["rng"]
+        # each process continues its own RNG streams; one the checkpoint has none for takes the first's
+        ckpt.set_rng_state(rngs[tr.pg.rank] if tr.pg.rank < len(rngs) else rngs[0])
+        tr.silent_for.copy_(state["silent_for"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        # a trainer.pt that unpickles but is not (or no longer matches) what trainer_state writes
+        what = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.TRAINER)}: not a training state this run can "
+                                   f"continue ({what})") from None
     tr.last_good = path
 
 
@@ -579,10 +641,10 @@ def finish(tr: Trainer, halted: bool, t_start: float) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(help_text())
-        return 0
     try:
+        if "-h" in argv or "--help" in argv:
+            print(help_text(config_path_of(argv)))  # the defaults of --config FILE when given
+            return 0
         cfg = load_config(argv)
         run(cfg)
     except (ConfigError, DataError, SetupError, ckpt.CheckpointError) as e:

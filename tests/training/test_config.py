@@ -1,5 +1,6 @@
 """Config: YAML, typed command-line overrides, and clear errors."""
 import os
+import re
 
 import pytest
 
@@ -53,7 +54,8 @@ def test_yaml_values_are_typed(tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--learning_rat", "1"], "valid fields"),
+    (["--learning_rat", "1"], r"unknown option --learning_rat \(did you mean --learning_rate\?\)"),
+    (["--zzzzzz", "1"], "no field is close; python -m training.train --help lists them all"),
     (["--max_steps", "abc"], "max_steps: expected int"),
     (["--max_steps", "1.5"], "max_steps: expected int"),
     (["--dec_bias", "maybe"], "dec_bias: expected bool"),
@@ -71,12 +73,36 @@ def test_bad_arguments(argv, needle):
         load_config(argv)
 
 
-def test_unknown_yaml_key_lists_valid_keys(tmp_path):
+def test_unknown_key_suggests_the_closest_fields_not_all_of_them(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("base_model: a\nlearnig_rate: 1.0\n")
     with pytest.raises(ConfigError) as e:
         load_config(["--config", str(p)])
-    assert "learnig_rate" in str(e.value) and "learning_rate" in str(e.value) and "n_cutoffs" in str(e.value)
+    msg = str(e.value)
+    assert msg == f"config file {str(p)!r}: unknown config key 'learnig_rate' (did you mean learning_rate?)"
+    with pytest.raises(ConfigError) as e:
+        load_config(["--n_feature", "4"])
+    assert "did you mean --n_features?" in str(e.value) and "n_cutoffs" not in str(e.value)
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("base_model: a\nn_features: 4\n  lr: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(p)])
+    assert str(e.value).startswith(f"config file {str(p)!r} is not valid YAML: line 3, column ")
+    p.write_text("n_features: many\n")  # a value of the wrong type names the file too
+    with pytest.raises(ConfigError, match=re.escape(f"config file '{p}': n_features: expected int")):
+        load_config(["--config", str(p)])
+
+
+def test_a_bool_flag_alone_is_true():
+    cfg = load_config(["--overwrite_output_dir", "--max_steps", "3", "--dec_bias"])
+    assert cfg.overwrite_output_dir is True and cfg.dec_bias is True and cfg.max_steps == 3
+    assert load_config(["--overwrite_output_dir", "false"]).overwrite_output_dir is False
+    assert load_config([]).overwrite_output_dir is False
+    with pytest.raises(ConfigError, match="overwrite_output_dir: cannot be combined with resume_from 'latest'"):
+        load_config(["--overwrite_output_dir", "--resume_from", "latest"])
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -98,6 +124,22 @@ def test_main_reports_config_errors_and_help(capsys):
     assert "unknown option --nope" in capsys.readouterr().err
     assert main(["--help"]) == 0
     assert "--lambda_bridge" in capsys.readouterr().out
+
+
+def test_help_shows_the_defaults_a_run_gets(capsys):
+    """Without --config a run uses tiny.yaml, so --help shows its values (and the built-in default
+    beside each it changes); with --config, that file's."""
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Defaults below are those of training/configs/tiny.yaml, which a run without --config uses" in out
+    assert "--n_features (int, default 256 [built-in 8192])" in out
+    assert "--output_dir (str, default 'runs/tiny' [built-in 'runs/default'])" in out
+    assert "--lambda_bridge (float, default 2.0)\n" in out
+    assert main(["--config", R1, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--n_features (int, default 8192)\n" in out and "default 'runs/r1_distil_7b'" in out
+    assert main(["--help", "--config", "/nonexistent/c.yaml"]) == 2
+    assert "not found" in capsys.readouterr().err
 
 
 def test_every_field_documented():

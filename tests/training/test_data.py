@@ -1,10 +1,11 @@
 """Data: formats, masks, sources, batching and its resumable position."""
 import json
+import re
 
 import pytest
 import torch
 
-from training.data import (DataError, ResumableBatches, collate, load_records, prepare_examples,
+from training.data import (DataError, ResumableBatches, collate, load_records, load_tokenizer, prepare_examples,
                            prompt_ids, tokenize_record)
 from training.tokenizer import CharTokenizer
 
@@ -138,6 +139,26 @@ def test_load_jsonl_json_and_errors(tmp_path):
         load_records(str(other))
     with pytest.raises(DataError, match="not a .jsonl"):
         load_records(str(tmp_path))
+
+
+def test_damaged_files_are_named(tmp_path):
+    binary = tmp_path / "d.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n")
+    with pytest.raises(DataError, match=re.escape(f"{binary}: not UTF-8 text")):
+        load_records(str(binary))
+    TOK.save_pretrained(str(tmp_path / "tok"))
+    (tmp_path / "tok" / "char_tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'tok' / 'char_tokenizer.json'}: not a readable "
+                                                  "character tokenizer")):
+        load_tokenizer(str(tmp_path / "tok"))
+
+
+def test_damaged_parquet_is_named(tmp_path):
+    pytest.importorskip("pyarrow")
+    p = tmp_path / "d.parquet"
+    p.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=re.escape(f"{p}: cannot read it as parquet")):
+        load_records(str(p))
 
 
 def test_parquet(tmp_path):

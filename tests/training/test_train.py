@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from training import checkpoint as ckpt
-from training.train import lr_lambda, main
+from training.config import load_config
+from training.train import SetupError, lr_lambda, main, run
 from tests.training.conftest import make_pair, micro_args, read_metrics
 
 DETERMINISTIC = ("step", "epoch", "lr", "loss", "kl", "sparsity", "nmse", "bridge", "grad_norm", "l0", "l0_layers",
@@ -132,6 +133,7 @@ def other_pairs(tmp_path_factory):
     ("missing_data", "no such file"),
     ("empty_data", "no usable examples"),
     ("bad_resume", "not a checkpoint directory"),
+    ("resume_nothing", "--resume_from latest: no checkpoint in"),
     ("too_many_cutoffs", "n_cutoffs"),
     ("wrong_type", "max_steps: expected int"),
 ])
@@ -152,6 +154,8 @@ def test_bad_input_fails_before_training(micro, other_pairs, tmp_path, capsys, c
         over["train_data"] = str(p)
     elif case == "bad_resume":
         over["resume_from"] = str(tmp_path)
+    elif case == "resume_nothing":
+        over["resume_from"] = "latest"
     elif case == "too_many_cutoffs":
         over["n_cutoffs"] = 4
     elif case == "wrong_type":
@@ -203,3 +207,90 @@ def test_schedule_is_hugging_faces_cosine_with_warmup():
         assert [ours(s) for s in range(total + 1)] == pytest.approx([hf(s) for s in range(total + 1)], abs=1e-12)
     g = lr_lambda(10, 0.0, 0.1)  # min_lr_ratio: the cosine ends at 0.1 instead of 0
     assert g(0) == 1.0 and g(10) == pytest.approx(0.1) and g(5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_an_earlier_run_is_never_overwritten_unless_asked(micro, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(micro_args(micro, out, max_steps=2, save_every=1)) == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    # the same command again: refused, naming the directory and both ways forward; nothing changes
+    assert main(micro_args(micro, out, max_steps=2, save_every=1)) == 2
+    err = capsys.readouterr().err
+    assert (f"error: output_dir {str(out)!r} holds an earlier run (checkpoints, metrics.jsonl, summary.json, "
+            f"final_model), and this run would overwrite it. To continue that run, add --resume_from latest; "
+            f"to delete it and start afresh, add --overwrite_output_dir; or choose another --output_dir") in err
+    # a resume from another run's checkpoint would overwrite it as much
+    other = tmp_path / "other"
+    assert main(micro_args(micro, other, max_steps=1)) == 0
+    assert main(micro_args(micro, out, resume_from=ckpt.latest_checkpoint(str(other)))) == 2
+    assert "is not one of its checkpoints" in capsys.readouterr().err
+    with pytest.raises(SetupError, match="holds an earlier run"):  # run(cfg) refuses as the CLI does
+        run(load_config(micro_args(micro, out)))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # --overwrite_output_dir (a flag alone) replaces the run: no checkpoint or metric of the old one is left
+    assert main(micro_args(micro, out, max_steps=3) + ["--overwrite_output_dir"]) == 0
+    assert "deleted the earlier run's checkpoints, metrics.jsonl, summary.json, final_model" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    assert [os.path.basename(c) for c in ckpt.list_checkpoints(str(out))] == ["step_00000003"]
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "metrics.jsonl.old").exists()
+    # resuming this run's own checkpoint while deleting it cannot both happen
+    step3 = ckpt.latest_checkpoint(str(out))
+    assert main(micro_args(micro, out, resume_from=step3) + ["--overwrite_output_dir"]) == 2
+    assert "which overwrite_output_dir would delete" in capsys.readouterr().err
+
+
+def test_a_second_default_run_is_refused(tmp_path, monkeypatch, capsys):
+    """`python -m training.train` twice: the second stops before loading anything, naming runs/tiny."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "metrics.jsonl").write_text('{"step": 1, "split": "train"}\n')
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir 'runs/tiny' holds an earlier run (metrics.jsonl)" in err
+    assert "--resume_from latest" in err and "--overwrite_output_dir" in err
+    assert (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text() == '{"step": 1, "split": "train"}\n'
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("garbage_trainer", "trainer.pt: cannot read the training state (UnpicklingError"),
+    ("wrong_trainer", "trainer.pt: not a training state this run can continue (no 'optimizer' entry)"),
+    ("garbage_adapters", "adapters.safetensors: cannot read the adapters"),
+])
+def test_a_damaged_checkpoint_names_the_file(micro, tmp_path, capsys, damage, needle):
+    out = tmp_path / "run"
+    assert main(micro_args(micro, out, max_steps=2, save_every=1)) == 0
+    latest = ckpt.latest_checkpoint(str(out))
+    if damage == "garbage_trainer":
+        with open(os.path.join(latest, ckpt.TRAINER), "wb") as f:
+            f.write(b"\x00garbage" * 10)
+    elif damage == "wrong_trainer":
+        torch.save({"step": 2}, os.path.join(latest, ckpt.TRAINER))
+    else:
+        with open(os.path.join(latest, ckpt.ADAPTERS), "wb") as f:
+            f.write(b"garbage")
+    capsys.readouterr()
+    assert main(micro_args(micro, out, max_steps=2, resume_from="latest")) == 2
+    err = capsys.readouterr().err
+    assert f"error: {os.path.join(latest, needle.split(':')[0])}:{needle.split(':', 1)[1]}" in err, err
+    if damage != "wrong_trainer":  # and says which checkpoint is left to resume from
+        assert "other checkpoints to resume from: " in err and "step_00000001" in err
+
+
+def test_readme_snippet_loads_the_final_model_and_its_tokenizer(micro, tmp_path, monkeypatch, capsys):
+    """training/README.md's snippet runs as written (on this run's final_model) and decodes text."""
+    import re
+
+    out = tmp_path / "run"
+    assert main(micro_args(micro, out, max_steps=1)) == 0
+    readme = open(os.path.join(os.path.dirname(ckpt.__file__), "README.md"), encoding="utf-8").read()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "final_model" in b)
+    assert 'path = "runs/tiny/final_model"' in snippet and "load_tokenizer" in snippet
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    os.symlink(out / "final_model", tmp_path / "runs" / "tiny" / "final_model")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(snippet, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.strip() and all(ch == "\n" or 32 <= ord(ch) < 127 for ch in printed)
