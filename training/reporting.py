@@ -21,8 +21,7 @@ class Reporter:
                 keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
-        elif main and resume_step is None and os.path.isfile(self.path):
-            os.replace(self.path, self.path + ".old")
+        # a fresh run never finds another run's metrics.jsonl here: setup refuses such an output_dir
         if main and cfg.report_to == "wandb":
             import wandb
 
