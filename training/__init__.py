@@ -6,3 +6,13 @@ token ids and loss masks, resumable batches), ``forward_utils`` (layer-by-layer 
 ``evaluate`` (validation metrics and sample generations), ``train`` (the loop). ``make_tiny_pair``
 made the embedded tiny base/reference pair in ``assets/tiny``.
 """
+
+import importlib.util as _util
+
+# the packages of the [train] extra that the loop imports unconditionally: say which extra is missing
+# instead of failing later with a bare "No module named 'yaml'"
+_missing = [name for name in ("yaml", "transformers", "tqdm") if _util.find_spec(name) is None]
+if _missing:
+    raise ImportError(
+        f"the training loop needs {', '.join(_missing)} (the [train] extra): pip install 'tckernels[train]'"
+    )

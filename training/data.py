@@ -264,7 +264,7 @@ def _read_parquet(path: str) -> list[Any]:
 
         return pd.read_parquet(path).to_dict(orient="records")
     except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow or pandas (pip install pyarrow)") from None
+        raise DataError(f"{path}: reading parquet needs pyarrow or pandas: pip install 'tckernels[train]'") from None
     except Exception as e:  # a damaged file: pyarrow's message does not name it
         raise DataError(f"{path}: cannot read it as parquet ({type(e).__name__}: {e})") from None
 
@@ -295,7 +295,7 @@ def load_records(path: str, split: str = "train") -> list[Any]:
         datasets = None
     if _is_saved_dataset(path):
         if datasets is None:
-            raise DataError(f"{path}: a saved HF dataset needs the `datasets` package (pip install datasets)")
+            raise DataError(f"{path}: a saved HF dataset needs the `datasets` package: pip install 'tckernels[train]'")
         try:
             ds = datasets.load_from_disk(path)
         except Exception as e:

@@ -1,6 +1,9 @@
 """The loop end to end on the micro pair: exact resume, NaN stop, atomic checkpoints, bad input."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,3 +297,18 @@ def test_readme_snippet_loads_the_final_model_and_its_tokenizer(micro, tmp_path,
     exec(compile(snippet, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.strip() and all(ch == "\n" or 32 <= ord(ch) < 127 for ch in printed)
+
+
+def test_a_missing_train_extra_is_named():
+    code = (
+        "import importlib.util as u\n"
+        "real = u.find_spec\n"
+        "u.find_spec = lambda name, *a: None if name == 'yaml' else real(name, *a)\n"
+        "try:\n"
+        "    import training\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert out.stdout.strip() == "the training loop needs yaml (the [train] extra): pip install 'tckernels[train]'"
