@@ -14,14 +14,13 @@ import importlib
 import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import torch
-
 from tckernels.backends import Backend
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 # Measured preference per device type (see bench/results/); the first available one wins.
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+DEVICE_TYPES = tuple(_DEFAULT_ORDER)  # the tensor device types some backend runs on
 
 # A process-wide stack (not thread-local) so torch.compile can trace reads of it.
 _stack: List[str] = []
@@ -58,10 +57,22 @@ def load(name: str) -> Backend:
     return backend
 
 
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without its import of torch._dynamo, which takes
+    seconds and would otherwise happen at ``import tckernels``.
+
+    The decorator only sets this attribute, which dynamo reads when it traces a call to ``fn``
+    (tests/test_backend.py checks that it still does only that). It cannot be applied lazily:
+    the first call may come while dynamo is already tracing, too late to mark the function.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 _reasons: Dict[Tuple[str, str], Optional[str]] = {}
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def unavailable_reason(name: str, device_type: str) -> Optional[str]:
     """None when backend ``name`` can run on ``device_type`` tensors, else why not.
 
@@ -82,6 +93,9 @@ def unavailable_reason(name: str, device_type: str) -> Optional[str]:
 
 
 def available_backends(device_type: str) -> List[str]:
+    """The backends that can run on tensors of ``device_type`` (``"cpu"`` or ``"cuda"``)."""
+    if device_type not in DEVICE_TYPES:
+        raise ValueError(f"device_type must be one of {', '.join(map(repr, DEVICE_TYPES))}; got {device_type!r}")
     return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
 
 
@@ -97,9 +111,30 @@ def resolve(explicit: Optional[str], device_type: str) -> str:
         _check_name(name, "backend")
         why = unavailable_reason(name, device_type)
         if why is not None:
-            raise RuntimeError(f"tckernels: {why}")
+            raise _cannot_run(name, explicit is not None, device_type, why)
         return name
     for candidate in _DEFAULT_ORDER.get(device_type, ("reference",)):
         if unavailable_reason(candidate, device_type) is None:
             return candidate
     return "reference"
+
+
+def _cannot_run(name: str, explicit: bool, device_type: str, why: str) -> Exception:
+    """The error for a backend that was asked for but cannot run: a ValueError when it does not run
+    on these tensors' device (bad input), a RuntimeError when this install lacks it (not built,
+    triton missing, no GPU)."""
+    try:
+        devices = load(name).devices
+    except ImportError:
+        devices = None
+    if devices is None or device_type in devices:
+        return RuntimeError(f"tckernels: {why}")
+    if explicit:
+        asked = f"backend {name!r}"
+    elif _stack:
+        asked = f"backend {name!r} (from use_backend({name!r}))"
+    else:
+        asked = f"backend {name!r} (from TCK_BACKEND={name})"
+    usable = [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+    fix = f" (backends for {device_type} tensors: {', '.join(usable)})" if usable else ""
+    return ValueError(f"{asked} runs on {', '.join(devices)} tensors; these are on {device_type}{fix}")

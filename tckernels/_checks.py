@@ -83,13 +83,29 @@ def should_check_indices(device: torch.device) -> bool:
     return True
 
 
-def index_range(indices: Tensor, n: int, name: str = "indices") -> None:
+def index_range(
+    indices: Tensor, n: int, bound: str = "the rows of the weight", weight: str = "", cols: int = 0
+) -> None:
+    """ValueError unless every index lies in [0, n). ``bound`` says what n counts; ``weight``
+    (the argument's name, or "" when the indices pick no weight's rows) and ``cols`` (its
+    second dimension) add a hint when the indices would fit a transposed weight."""
     if indices.numel() == 0 or not should_check_indices(indices.device):
         return
     lo, hi = torch.aminmax(indices)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= n:
-        raise ValueError(f"{name} must lie in [0, {n}) (the rows of the weight), found values in [{lo}, {hi}]")
+        message = f"indices must lie in [0, {n}) ({bound}), found values in [{lo}, {hi}]"
+        # A decoder in nn.Linear layout [D, N] makes valid feature indices overflow its D rows:
+        # say so, rather than leave the indices looking at fault.
+        if weight and lo >= 0 and hi < cols:
+            message += (f". {weight} has shape {(n, cols)} and they would fit its {cols} columns: "
+                        f"{row_per_feature(weight)}")
+        raise ValueError(message)
+
+
+def row_per_feature(weight: str) -> str:
+    """The advice for a gathered weight that looks transposed."""
+    return f"weights are row per feature [N, D]; if {weight} is in nn.Linear layout [D, N], pass {weight}.t()"
 
 
 def encoder_args(x, W_enc, b_enc) -> int:
@@ -98,6 +114,11 @@ def encoder_args(x, W_enc, b_enc) -> int:
     floating(W_enc, "W_enc", ndim=2)
     same_dtype(W_enc, "W_enc", x, "x")
     n, d = W_enc.shape
+    if x.shape[-1] != d and x.shape[-1] == n:
+        raise ValueError(
+            f"W_enc looks transposed: its shape {tuple(W_enc.shape)} is [D, N] for x's D = {n}, but W_enc must be "
+            f"[N, D] (row per feature, the layout of nn.Linear(D, N).weight); pass W_enc.t()"
+        )
     if x.shape[-1] != d:
         raise ValueError(f"x must have last dimension D = W_enc.shape[1] = {d}, got shape {tuple(x.shape)}")
     if b_enc is not None:

@@ -1,6 +1,9 @@
 """Backend choice (explicit argument > use_backend context > TCK_BACKEND > device default) and the
 backend interface every backend module is checked against when it is loaded."""
 import dataclasses
+import os
+import re
+import subprocess
 import sys
 import types
 
@@ -28,6 +31,56 @@ def test_precedence(monkeypatch):
 
 def test_reference_always_available():
     assert "reference" in tckernels.available_backends("cpu")
+
+
+def test_available_backends_rejects_an_unknown_device_type():
+    with pytest.raises(ValueError, match=re.escape("device_type must be one of 'cpu', 'cuda'; got 'gpu'") + "$"):
+        tckernels.available_backends("gpu")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_import_does_not_import_dynamo():
+    """torch._dynamo takes seconds to import; the ops and the backend choice must not pull it in
+    (torch.compile imports it when it is used)."""
+    code = "import sys, tckernels._backend, tckernels.ops; print('torch._dynamo' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "False"
+
+
+def test_backend_choice_is_marked_constant_as_torch_compiler_marks_it():
+    """_backend marks unavailable_reason itself, as torch.compiler.assume_constant_result would
+    (the decorator imports torch._dynamo). If the decorator ever does more than set this
+    attribute, this fails and the mark needs revisiting."""
+    def fn():
+        return None
+
+    assert torch.compiler.assume_constant_result(fn) is fn
+    assert vars(fn) == {"_dynamo_marked_constant": True}
+    assert vars(_backend.unavailable_reason) == vars(fn)
+
+
+def test_compile_before_any_eager_call(monkeypatch):
+    """With nothing cached yet (the first op call of a process is a compiled one), the backend
+    choice is still a constant to dynamo: one graph, no break."""
+    import torch._dynamo.testing
+
+    monkeypatch.setattr(_backend, "_loaded", {})
+    monkeypatch.setattr(_backend, "_reasons", {})
+    torch._dynamo.reset()
+    W = torch.randn(12, 4)
+
+    def fn(x):
+        values, indices = tckernels.encode_topk(x, W, None, 3)
+        return tckernels.sparse_decode(values, indices, W)
+
+    counter = torch._dynamo.testing.CompileCounter()
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend=counter)(x), fn(x))
+    assert counter.frame_count == 1
 
 
 def test_context_reaches_the_kernel(monkeypatch):

@@ -10,8 +10,14 @@ from tckernels import _checks
 
 
 @torch.library.custom_op("tckernels::checked_indices", mutates_args=())
-def checked_indices(indices: Tensor, n: int) -> Tensor:
+def checked_indices(
+    indices: Tensor, n: int, bound: str = "the rows of the weight", weight: str = "", cols: int = 0
+) -> Tensor:
     """``indices`` as a new int64 contiguous tensor, after raising ValueError unless they lie in [0, n).
+
+    ``bound`` says what ``n`` counts, for the message; ``weight`` and ``cols`` name the weight
+    whose rows the indices pick and its second dimension, so that indices that would fit a
+    transposed weight say so (see ``_checks.index_range``).
 
     The public wrappers route user indices through this op before any sparse op sees them, so the
     sparse ops (and the backward passes, whose indices come from a checked forward or are in range
@@ -19,13 +25,18 @@ def checked_indices(indices: Tensor, n: int) -> Tensor:
     the data-dependent check out of the traced graph, and it returns the indices rather than nothing
     so that the check cannot be pruned as dead code.
     """
-    _checks.index_range(indices, n)
+    _checks.index_range(indices, n, bound, weight, cols)
     return indices.to(torch.int64, memory_format=torch.contiguous_format, copy=True)
 
 
 @checked_indices.register_fake
-def _(indices, n):
+def _(indices, n, bound="the rows of the weight", weight="", cols=0):
     return torch.empty_like(indices, dtype=torch.int64, memory_format=torch.contiguous_format)
+
+
+def checked_rows(indices: Tensor, W: Tensor, name: str) -> Tensor:
+    """``checked_indices`` for indices that pick rows of the weight ``W``, passed as ``name``."""
+    return checked_indices(flat2d(indices), W.shape[0], f"the rows of {name}", name, W.shape[1])
 
 
 def int64_indices(indices: Tensor) -> Tensor:

@@ -50,6 +50,11 @@ def gather_dot(G: Tensor, indices: Tensor, W: Tensor, *, backend: Optional[str] 
     _checks.floating(W, "W", ndim=2)
     _checks.same_dtype(W, "W", G, "G")
     _checks.same_device(G, "G", indices, "indices", W, "W")
+    if G.shape[-1] != W.shape[1] and G.shape[-1] == W.shape[0]:
+        raise ValueError(
+            f"W looks transposed: its shape {tuple(W.shape)} is [D, N] for G's D = {W.shape[0]}: "
+            f"{_checks.row_per_feature('W')}"
+        )
     if G.shape[-1] != W.shape[1]:
         raise ValueError(f"G must have last dimension D = W.shape[1] = {W.shape[1]}, got {tuple(G.shape)}")
     if tuple(G.shape[:-1]) != tuple(indices.shape[:-1]):
@@ -57,6 +62,6 @@ def gather_dot(G: Tensor, indices: Tensor, W: Tensor, *, backend: Optional[str] 
             f"indices must have the leading shape of G {tuple(G.shape[:-1])}, got {tuple(indices.shape)}"
         )
     name = _backend.resolve(backend, W.device.type)
-    checked = _common.checked_indices(_common.flat2d(indices), W.shape[0])
+    checked = _common.checked_rows(indices, W, "W")
     out = gather_dot_op(_common.flat2d(G), checked, W, name)
     return out.reshape(indices.shape)

@@ -58,6 +58,11 @@ def check_args(values, indices, W, bias, names=("values", "indices", "W", "bias"
     if bias is not None:
         _checks.floating(bias, b, ndim=1)
         _checks.same_dtype(W, w, bias, b)
+        if bias.shape[0] != W.shape[1] and bias.shape[0] == W.shape[0]:
+            raise ValueError(
+                f"{b} must have shape {(W.shape[1],)} ([D] with D = {w}.shape[1]), got {tuple(bias.shape)}. That is "
+                f"{w}.shape[0], so {w} (shape {tuple(W.shape)}) may be transposed: {_checks.row_per_feature(w)}"
+            )
         _checks.shape(bias, b, (W.shape[1],), f"[D] with D = {w}.shape[1]")
     _checks.same_device(values, v, indices, i, W, w, bias, b)
     _checks.shape(indices, i, values.shape, f"the shape of {v}")
@@ -69,6 +74,6 @@ def gather_matmul(
     """``out[m] = Σ_j values[m,j]·W[indices[m,j]] (+ bias)``; values/indices [..., k], W [N, D] -> [..., D]."""
     check_args(values, indices, W, bias)
     name = _backend.resolve(backend, W.device.type)
-    checked = _common.checked_indices(_common.flat2d(indices), W.shape[0])
+    checked = _common.checked_rows(indices, W, "W")
     out = gather_matmul_op(_common.flat2d(values), checked, W, bias, name)
     return out.reshape(*values.shape[:-1], W.shape[1])

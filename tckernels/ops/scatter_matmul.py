@@ -75,5 +75,5 @@ def scatter_matmul(
             f"G must have the leading shape of values {tuple(values.shape[:-1])}, got {tuple(G.shape)}"
         )
     name = _backend.resolve(backend, G.device.type)
-    checked = _common.checked_indices(_common.flat2d(indices), n_rows)
+    checked = _common.checked_indices(_common.flat2d(indices), n_rows, "n_rows, the rows of the output")
     return scatter_matmul_op(_common.flat2d(values), checked, _common.flat2d(G), n_rows, bool(deterministic), name)

@@ -20,6 +20,6 @@ def sparse_decode(
     """Decode sparse features: values/indices [..., k], W_dec [N, D] (row per feature) -> [..., D]."""
     check_args(values, indices, W_dec, b_dec, names=("values", "indices", "W_dec", "b_dec"))
     name = _backend.resolve(backend, W_dec.device.type)
-    checked = _common.checked_indices(_common.flat2d(indices), W_dec.shape[0])
+    checked = _common.checked_rows(indices, W_dec, "W_dec")
     out = gather_matmul_op(_common.flat2d(values), checked, W_dec, b_dec, name)
     return out.reshape(*values.shape[:-1], W_dec.shape[1])

@@ -4,6 +4,7 @@ Each case is a valid call of one public op (CALLS) with one argument replaced; i
 op's name, so ``pytest -k <op>`` finds them.
 """
 import importlib
+import re
 
 import pytest
 import torch
@@ -118,6 +119,57 @@ def test_bad_argument(op, replace, exc, match):
         call(op, replace)
 
 
+def exactly(message):
+    return "^" + re.escape(message) + "$"
+
+
+def linear_layout(a):
+    """The weight as nn.Linear stores a decoder: [D, N], the transpose of row per feature."""
+    return a["W"].t()
+
+
+def indices_8_to_19(a):
+    """Indices that fit the 20 columns of the transposed [8, 20] weight but not its 8 rows."""
+    return torch.arange(8, 8 + M * K).reshape(M, K)
+
+
+LINEAR_LAYOUT_HINT = "weights are row per feature [N, D]; if {w} is in nn.Linear layout [D, N], pass {w}.t()"
+ENCODER_TRANSPOSED = ("W_enc looks transposed: its shape (8, 20) is [D, N] for x's D = 8, but W_enc must be [N, D] "
+                      "(row per feature, the layout of nn.Linear(D, N).weight); pass W_enc.t()")
+
+# A wrong argument that another argument's check used to be blamed for (the message named the
+# rows of the weight, x, or a bias, where a transposed weight or a small n_rows was the cause).
+BLAMED_ARGUMENTS = [
+    *(bad(op, f"{w}-linear-layout", ValueError, exactly(
+        f"indices must lie in [0, 8) (the rows of {w}), found values in [8, 19]. {w} has shape (8, 20) and they "
+        f"would fit its 20 columns: " + LINEAR_LAYOUT_HINT.format(w=w)),
+        W=linear_layout, bias=None, indices=indices_8_to_19)
+      for op, w in (("sparse_decode", "W_dec"), ("gather_matmul", "W"))),
+    *(bad(op, f"{w}-linear-layout-with-{b}", ValueError, exactly(
+        f"{b} must have shape (20,) ([D] with D = {w}.shape[1]), got (8,). That is {w}.shape[0], so {w} "
+        f"(shape (8, 20)) may be transposed: " + LINEAR_LAYOUT_HINT.format(w=w)), W=linear_layout)
+      for op, w, b in (("sparse_decode", "W_dec", "b_dec"), ("gather_matmul", "W", "bias"))),
+    bad("gather_dot", "W-linear-layout", ValueError, exactly(
+        "W looks transposed: its shape (8, 20) is [D, N] for G's D = 8: " + LINEAR_LAYOUT_HINT.format(w="W")),
+        W=linear_layout),
+    bad("scatter_matmul", "n_rows-too-small", ValueError, exactly(
+        "indices must lie in [0, 5) (n_rows, the rows of the output), found values in [0, 11]"),
+        n_rows=5, indices=lambda a: torch.arange(M * K).reshape(M, K)),
+    bad("encode_topk", "W_enc-transposed", ValueError, exactly(ENCODER_TRANSPOSED), W=linear_layout),
+    bad("encode_relu", "W_enc-transposed", ValueError, exactly(ENCODER_TRANSPOSED), W=linear_layout),
+]
+
+
+@pytest.mark.parametrize("op,replace,exc,match", BLAMED_ARGUMENTS)
+def test_message_blames_the_argument_at_fault(op, replace, exc, match):
+    with pytest.raises(exc, match=match):
+        call(op, replace)
+
+
+BOUND = {"sparse_decode": "the rows of W_dec", "gather_matmul": "the rows of W", "gather_dot": "the rows of W",
+         "scatter_matmul": "n_rows, the rows of the output"}
+
+
 @pytest.mark.parametrize("backend", tckernels.available_backends("cpu"))
 @pytest.mark.parametrize("op", INDEX_OPS)
 def test_index_out_of_range(op, backend):
@@ -125,10 +177,14 @@ def test_index_out_of_range(op, backend):
         for dtype in (torch.int64, torch.int32):
             def indices(a):
                 idx = a["indices"].clone()
-                idx[1, 2] = bad_index
+                idx[0, 0], idx[1, 2] = 0, bad_index
+                idx[2, 1] = N - 1
                 return idx.to(dtype)
 
-            with pytest.raises(ValueError, match=r"^indices must lie in \[0, 20\)"):
+            # no transposed-weight hint: the indices would not fit W's 8 columns either
+            lo, hi = min(bad_index, 0), max(bad_index, N - 1)
+            with pytest.raises(ValueError, match=exactly(
+                    f"indices must lie in [0, 20) ({BOUND[op]}), found values in [{lo}, {hi}]")):
                 call(op, dict(indices=indices), backend=backend)
 
 
@@ -156,14 +212,30 @@ def test_unknown_backend(op, monkeypatch):
     monkeypatch.setenv("TCK_BACKEND", "nope")
     with pytest.raises(ValueError, match="TCK_BACKEND environment variable must be one of"):
         call(op)
-    monkeypatch.setenv("TCK_BACKEND", "cuda")
+
+
+CPU_BACKENDS = ", ".join(tckernels.available_backends("cpu"))
+
+
+@pytest.mark.parametrize("how", ["argument", "use_backend", "TCK_BACKEND"])
+@pytest.mark.parametrize("op", list(CALLS))
+def test_backend_for_another_device(op, how, monkeypatch):
+    """Asking for a backend that does not run on the tensors' device is bad input (ValueError
+    naming the backend and both devices), not an error of the install."""
     try:  # the module imports wherever the package does; only a broken install cannot import it
         importlib.import_module("tckernels.backends.cuda")
-        why = r"^tckernels: backend 'cuda' runs on cuda tensors, not cpu$"
     except ImportError:
-        why = r"^tckernels: backend 'cuda' cannot be imported: "
-    with pytest.raises(RuntimeError, match=why):
-        call(op)
+        pytest.skip("tckernels.backends.cuda cannot be imported")
+    source = {"argument": "", "use_backend": " (from use_backend('cuda'))", "TCK_BACKEND": " (from TCK_BACKEND=cuda)"}
+    message = (f"backend 'cuda'{source[how]} runs on cuda tensors; these are on cpu "
+               f"(backends for cpu tensors: {CPU_BACKENDS})")
+    monkeypatch.setenv("TCK_BACKEND", "cuda" if how == "TCK_BACKEND" else "reference")
+    with pytest.raises(ValueError, match=exactly(message)):
+        if how == "use_backend":
+            with tckernels.use_backend("cuda"):
+                call(op)
+        else:
+            call(op, **({"backend": "cuda"} if how == "argument" else {}))
 
 
 def test_use_backend_rejects_an_unknown_name():
