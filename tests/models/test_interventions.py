@@ -209,7 +209,7 @@ def test_record_features_matches_dense_activations(model):
         assert sorted(f for f, _ in act[0]) == sorted((expect[0, 0] > 0).nonzero().squeeze(1).tolist())
     model(x)  # outside the block: nothing more is recorded
     assert len(rec.records[0]) == 2
-    with pytest.raises(ValueError, match="layer: unknown layer index 1; recorded layers: \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"layer: unknown layer index 1; recorded layers: \[0, 2\]"):
         rec.tokens(1)
     with record_features(model, to_cpu=True) as rec2:
         model(x)
