@@ -1,5 +1,5 @@
 """nn.Modules built on the tckernels ops: transcoders with every activation, cross-layer and
-bilinear transcoders, our checkpoint format (save_transcoder / load_transcoder) and, in
+bilinear transcoders, standardisation folded into saved weights, our checkpoint format (save_transcoder / load_transcoder) and, in
 ``tckernels.nn.formats``, loaders for other published checkpoint formats."""
 from tckernels.nn import metrics
 from tckernels.nn.activations import SparseActivations
@@ -7,6 +7,7 @@ from tckernels.nn.bilinear import BilinearMLP, BilinearTranscoder
 from tckernels.nn.crosslayer import CrossLayerOutput, CrossLayerTranscoder
 from tckernels.nn.errors import FormatError, MissingKeyError
 from tckernels.nn.formats.tckernels_transcoder import load_transcoder, save_transcoder
+from tckernels.nn.standardize import Standardization, Standardizer, fold_standardization_
 from tckernels.nn.transcoder import Transcoder, TranscoderConfig, TranscoderOutput
 
 __all__ = [
@@ -22,5 +23,8 @@ __all__ = [
     "load_transcoder",
     "FormatError",
     "MissingKeyError",
+    "Standardization",
+    "Standardizer",
+    "fold_standardization_",
     "metrics",
 ]
