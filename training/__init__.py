@@ -4,7 +4,9 @@ Modules, in the order the loop uses them: ``config`` (the run configuration), ``
 token ids and loss masks, resumable batches), ``forward_utils`` (layer-by-layer and mixed forwards),
 ``losses`` (the bridging objective), ``checkpoint`` (atomic, exactly resumable checkpoints),
 ``evaluate`` (validation metrics and sample generations), ``train`` (the loop). ``make_tiny_pair``
-made the embedded tiny base/reference pair in ``assets/tiny``.
+made the embedded tiny base/reference pair in ``assets/tiny``. ``activations`` (packed text, hooked
+MLP activations, a shuffling buffer and an on-disk cache) is the data side of the coming loop that
+trains transcoders from a model's activations.
 """
 
 import importlib.util as _util
