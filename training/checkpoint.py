@@ -2,7 +2,9 @@
 
 A checkpoint is a directory ``<output_dir>/checkpoints/step_<N>/`` with
 
-* ``adapters.safetensors``: the adapter parameters under the model's state-dict names;
+* ``adapters.safetensors``: the trained weights: the adapter parameters under the model's state-dict
+  names (the adapter loop), or whatever ``{name: tensor}`` the loop passes (the transcoder loop's
+  transcoders, ``layer_<i>.<name>``);
 * ``trainer.pt``: optimizer, scheduler, step, data position, every process's RNG states and the
   adapters' dead-feature counters (``training.train.trainer_state``);
 * ``config.json``: the run's configuration (for people; resuming uses the current configuration).
@@ -144,7 +146,8 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 def save_checkpoint(output_dir: str, step: int, model, trainer_state: dict, config: dict,
                     keep: int = 2) -> str:
-    """Write checkpoint ``step`` atomically (call on one process only); returns its directory."""
+    """Write checkpoint ``step`` atomically (call on one process only); returns its directory.
+    ``model``: the adapted model (its adapter parameters are saved) or a ``{name: tensor}`` dict."""
     from safetensors.torch import save_file
 
     root = checkpoints_dir(output_dir)
@@ -155,7 +158,9 @@ def save_checkpoint(output_dir: str, step: int, model, trainer_state: dict, conf
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
-    save_file(adapter_state(model), os.path.join(tmp, ADAPTERS), metadata={"step": str(step)})
+    weights = ({n: t.detach().to("cpu").contiguous() for n, t in model.items()} if isinstance(model, dict)
+               else adapter_state(model))
+    save_file(weights, os.path.join(tmp, ADAPTERS), metadata={"step": str(step)})
     torch.save(trainer_state, os.path.join(tmp, TRAINER))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=1, default=str)
@@ -203,7 +208,9 @@ def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]
 
 def load_checkpoint(path: str, model) -> dict:
     """Load the adapters into ``model`` and return the trainer state. A file that cannot be read is
-    named in the error (which file of which checkpoint is damaged is what the user needs to know)."""
+    named in the error (which file of which checkpoint is damaged is what the user needs to know).
+    ``model`` may instead be a function that takes the ``{name: tensor}`` weights (raising
+    CheckpointError when they do not fit)."""
     from safetensors.torch import load_file
 
     adapters, trainer = os.path.join(path, ADAPTERS), os.path.join(path, TRAINER)
@@ -213,7 +220,10 @@ def load_checkpoint(path: str, model) -> dict:
         raise CheckpointError(f"{adapters}: cannot read the adapters ({type(e).__name__}: {e})"
                               f"{_other_checkpoints(path)}") from None
     try:
-        load_adapter_state(model, weights)
+        if isinstance(model, torch.nn.Module):
+            load_adapter_state(model, weights)
+        else:
+            model(weights)
     except CheckpointError as e:
         raise CheckpointError(f"{adapters}: {e}") from None
     try:

@@ -169,17 +169,33 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _HINTS = typing.get_type_hints(Config)
 
+# The functions below read and check the fields of a config dataclass, ``schema``: the adapter loop's
+# Config by default; the transcoder loop passes its own (training/transcoders.py), with its command.
+PROGRAMS = {Config: "python -m training.train"}
 
-def field_names() -> list:
-    return list(FIELDS)
+
+def _fields(schema) -> dict:
+    return {f.name: f for f in dataclasses.fields(schema)}
 
 
-def _suggest(name, prefix: str = "") -> str:
+def _hints(schema) -> dict:
+    return typing.get_type_hints(schema)
+
+
+def _program(schema) -> str:
+    return PROGRAMS.get(schema, "python -m training.train")
+
+
+def field_names(schema=Config) -> list:
+    return list(_fields(schema))
+
+
+def _suggest(name, prefix: str = "", schema=Config) -> str:
     """"did you mean ...?" for an unknown field name (listing all ~60 fields would bury the answer)."""
-    close = difflib.get_close_matches(str(name).replace("-", "_"), list(FIELDS), n=3)
+    close = difflib.get_close_matches(str(name).replace("-", "_"), list(_fields(schema)), n=3)
     if close:
         return "did you mean " + " or ".join(prefix + c for c in close) + "?"
-    return "no field is close; python -m training.train --help lists them all"
+    return f"no field is close; {_program(schema)} --help lists them all"
 
 
 def _base_type(tp):
@@ -194,11 +210,11 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def coerce(name: str, value: Any, from_cli: bool = False):
+def coerce(name: str, value: Any, from_cli: bool = False, schema=Config):
     """``value`` as the type of field ``name``; ConfigError naming the field and type otherwise."""
-    if name not in FIELDS:
-        raise ConfigError(f"unknown config key {name!r} ({_suggest(name)})")
-    tp, optional = _base_type(_HINTS[name])
+    if name not in _fields(schema):
+        raise ConfigError(f"unknown config key {name!r} ({_suggest(name, schema=schema)})")
+    tp, optional = _base_type(_hints(schema)[name])
     tname = tp.__name__ + (" or null" if optional else "")
     if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and optional:
         return None
@@ -285,33 +301,36 @@ def _resolve_path(value: Optional[str], base_dir: str) -> Optional[str]:
     return value
 
 
-PATH_FIELDS = ("base_model", "reference_model", "tokenizer", "train_data", "val_data")
+PATH_FIELDS = ("base_model", "reference_model", "tokenizer", "train_data", "val_data", "model", "cache_dir")
 
 
-def from_dict(values: dict, from_cli: bool = False, source: Optional[str] = None) -> dict:
+def from_dict(values: dict, from_cli: bool = False, source: Optional[str] = None, schema=Config) -> dict:
     """``values`` typed as the fields they name; ``source`` (e.g. the YAML file) prefixes the errors."""
     where = f"{source}: " if source else ""
-    unknown = [k for k in values if k not in FIELDS]
+    fields = _fields(schema)
+    unknown = [k for k in values if k not in fields]
     if unknown:
-        raise ConfigError(where + "; ".join(f"unknown config key {k!r} ({_suggest(k)})" for k in unknown))
+        raise ConfigError(where + "; ".join(f"unknown config key {k!r} ({_suggest(k, schema=schema)})"
+                                            for k in unknown))
     try:
-        return {k: coerce(k, v, from_cli) for k, v in values.items()}
+        return {k: coerce(k, v, from_cli, schema) for k, v in values.items()}
     except ConfigError as e:
         raise ConfigError(where + str(e)) from None
 
 
-def parse_overrides(argv: list) -> tuple:
+def parse_overrides(argv: list, schema=Config) -> tuple:
     """``[--config PATH] [--field value | --field=value ...]`` -> (config path or None, {field: raw})."""
+    FIELDS, _HINTS = _fields(schema), _hints(schema)
     cfg_path, out, i = None, {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"unexpected argument {arg!r}; expected --field value "
-                              "(python -m training.train --help lists the fields)")
+                              f"({_program(schema)} --help lists the fields)")
         key, eq, val = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key != "config" and key not in FIELDS:
-            raise ConfigError(f"unknown option --{key} ({_suggest(key, '--')})")
+            raise ConfigError(f"unknown option --{key} ({_suggest(key, '--', schema)})")
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             is_bool = key in FIELDS and _base_type(_HINTS[key])[0] is bool
@@ -330,9 +349,9 @@ def parse_overrides(argv: list) -> tuple:
     return cfg_path, out
 
 
-def yaml_values(path: str) -> dict:
+def yaml_values(path: str, schema=Config) -> dict:
     """The typed values of the YAML file ``path``, its ./ and ../ paths resolved."""
-    values = from_dict(load_yaml(path), source=f"config file {path!r}")
+    values = from_dict(load_yaml(path), source=f"config file {path!r}", schema=schema)
     base_dir = os.path.dirname(os.path.abspath(path))
     for k in PATH_FIELDS:
         if k in values:
@@ -340,15 +359,15 @@ def yaml_values(path: str) -> dict:
     return values
 
 
-def load_config(argv: Optional[list] = None, default_config: str = DEFAULT_CONFIG) -> Config:
+def load_config(argv: Optional[list] = None, default_config: str = DEFAULT_CONFIG, schema=Config):
     """The configuration for ``argv`` (the YAML file of ``--config``, default tiny.yaml, then the
-    overrides), validated."""
+    overrides), validated; a ``schema`` instance (the adapter loop's Config by default)."""
     argv = list(argv or [])
-    cfg_path, overrides = parse_overrides(argv)
+    cfg_path, overrides = parse_overrides(argv, schema)
     path = cfg_path or default_config
-    values = yaml_values(path)
-    values.update(from_dict(overrides, from_cli=True))
-    cfg = Config(**values)
+    values = yaml_values(path, schema)
+    values.update(from_dict(overrides, from_cli=True, schema=schema))
+    cfg = schema(**values)
     cfg.config_path = path  # not a field: where the YAML came from
     return cfg.validate()
 
@@ -372,22 +391,23 @@ def _shown(name: str, value) -> str:
     return repr(value)
 
 
-def help_text(config_path: Optional[str] = None) -> str:
+def help_text(config_path: Optional[str] = None, schema=Config, default_config: str = DEFAULT_CONFIG) -> str:
     """Every field with the default that applies: the value in ``config_path`` (default: tiny.yaml,
     what a run without --config uses) and, where that differs from it, the built-in default too."""
-    path = config_path or DEFAULT_CONFIG
-    values = yaml_values(path)
+    path = config_path or default_config
+    values = yaml_values(path, schema)
+    _HINTS = _hints(schema)
     shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
     source = (f"{shown} (given by --config)" if config_path else
               f"{shown}, which a run without --config uses")
-    lines = ["usage: python -m training.train [--config FILE.yaml] [--field value ...]", "",
+    lines = [f"usage: {_program(schema)} [--config FILE.yaml] [--field value ...]", "",
              "Every field can be set in the YAML file or as --field value (the command line wins); a bool field",
              "given alone (e.g. --overwrite_output_dir) is true.", "",
              f"Defaults below are those of {source}.",
              "[built-in X] marks a value that differs from the built-in default X, which a --config file that",
              "does not set the field gets.",
              "", "fields:"]
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(schema):
         tp, opt = _base_type(_HINTS[f.name])
         t = tp.__name__ + ("?" if opt else "")
         ch = f.metadata.get("choices")

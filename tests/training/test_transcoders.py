@@ -1,0 +1,132 @@
+"""python -m training.transcoders: per-layer transcoders on a model's MLP activations."""
+import json
+import os
+
+import pytest
+import torch
+
+from tckernels.nn import load_transcoder
+from training.activations import capture_activations
+from training.transcoders import load_config, main
+from tests.training.conftest import read_metrics
+
+
+def tc_args(micro, out, **over):
+    """Command-line arguments for a fast run on the micro model (2 layers, width 32)."""
+    args = {
+        "model": micro["base"], "train_data": micro["train"], "val_data": micro["val"], "output_dir": str(out),
+        "context_length": 32, "forward_batch_size": 4, "buffer_tokens": 256, "batch_tokens": 64,
+        "n_features": 64, "k": 4, "max_steps": 6, "learning_rate": 1e-2, "warmup_ratio": 0.2,
+        "standardize_batches": 2, "dead_after_tokens": 200, "save_every": 0, "eval_every": 0,
+        "log_every": 1, "val_sequences": 4, "val_batch_size": 4, "progress_bar": False, "num_threads": 1,
+        "device": "cpu",
+    }
+    args.update(over)
+    argv = []
+    for k, v in args.items():
+        argv += [f"--{k}", str(v)]
+    return argv
+
+
+def test_micro_run_end_to_end(micro, tmp_path, monkeypatch):
+    import training.transcoders as T
+
+    trained = {}
+    real_save = T.save_transcoders
+
+    def keep(tr):  # the trained modules and their standardisation, to compare the saved ones with
+        trained.update(tr=tr)
+        return real_save(tr)
+
+    monkeypatch.setattr(T, "save_transcoders", keep)
+    out = tmp_path / "run"
+    assert main(tc_args(micro, out, eval_every=3)) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+    val = read_metrics(out, "val")
+    assert [r["when"] for r in val] == ["periodic", "end"]
+    s = json.load(open(out / "summary.json"))
+    f = s["final"]
+    assert f["layers"] == [0, 1] and len(f["fvu"]) == 2 and len(f["kl_each"]) == 2
+    assert all(x == pytest.approx(4.0) for x in f["l0"])
+    assert f["kl_all"] >= 0 and 0 <= f["top1_all"] <= 1
+
+    tr = trained["tr"]
+    ids = tr.val_ids[:2]
+    ins, outs = capture_activations(tr.model, ids, [0, 1])
+    for j, i in enumerate([0, 1]):
+        loaded = load_transcoder(out / "transcoders" / f"layer_{i}")
+        loaded.eval()
+        with torch.no_grad():
+            want = T.replacement_outputs(tr, j, ins[:, j])  # trained module on standardised activations
+            got = loaded(ins[:, j])  # the saved one on raw activations
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_reproduces_an_uninterrupted_run(micro, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(tc_args(micro, full)) == 0
+    assert main(tc_args(micro, cut, halt_at_step=3)) == 0
+    assert not (cut / "summary.json").exists()
+    assert main(tc_args(micro, cut, resume_from="latest")) == 0
+    a, b = read_metrics(full), read_metrics(cut)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    fa, fb = (json.load(open(d / "summary.json"))["final"] for d in (full, cut))
+    assert fa["fvu"] == fb["fvu"] and fa["kl_all"] == fb["kl_all"]
+
+
+def test_refuses_an_earlier_run_unless_told(micro, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tc_args(micro, out, max_steps=1)) == 0
+    assert main(tc_args(micro, out, max_steps=1)) == 2
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert main(tc_args(micro, out, max_steps=1, overwrite_output_dir=True)) == 0
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"layers": "0,5"}, "no layer 5"),
+    ({"layers": "a,b"}, "comma-separated"),
+    ({"k": 100}, "k: 100 > n_features 64"),
+    ({"buffer_tokens": 64}, "at least 2 x batch_tokens"),
+    ({"learning_rat": 1e-3}, "did you mean --learning_rate"),
+])
+def test_bad_configuration_is_refused_before_training(micro, tmp_path, capsys, over, message):
+    out = tmp_path / "run"
+    assert main(tc_args(micro, out, **over)) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_empty_data_is_refused(micro, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "run"
+    assert main(tc_args(micro, out, train_data=str(empty))) == 2
+    assert "no records" in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_help_lists_the_fields(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "python -m training.transcoders" in text and "--n_features" in text and "--activation" in text
+
+
+def test_default_config_is_the_tiny_model():
+    cfg = load_config([])
+    assert cfg.model.endswith(os.path.join("assets", "tiny", "base")) and cfg.activation == "topk"
+
+
+@pytest.mark.slow
+def test_default_run_meets_its_claims(tmp_path):
+    """The full default run (about half a minute on 2 cores): every layer's FVU <= 0.2 and dead
+    features <= 10% on held-out tokens, and the replacement model near the original."""
+    out = tmp_path / "tiny"
+    torch.set_num_threads(2)
+    assert main(["--output_dir", str(out), "--progress_bar", "false"]) == 0
+    s = json.load(open(out / "summary.json"))
+    f = s["final"]
+    assert len(f["layers"]) == 4
+    assert max(f["fvu"]) <= 0.2 and max(f["dead_fraction"]) <= 0.1
+    assert f["top1_all"] >= 0.8
+    assert s["total_seconds"] < 300
