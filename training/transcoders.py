@@ -50,7 +50,7 @@ from training.activations import ActivationBuffer, ActivationStream, capture_act
 from training.config import ConfigError, _f, config_path_of
 from training.data import DataError, load_tokenizer
 from training.reporting import Reporter, progress_bar, say
-from training.train import (DTYPES, Dist, SetupError, TrainingDiverged, _check_model_path, _load_model,
+from training.train import (Dist, SetupError, TrainingDiverged, _check_model_path, _load_model,
                             check_output_dir, clear_earlier_run, lr_lambda)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -275,6 +275,8 @@ def setup(cfg: TranscoderRunConfig, pg: Dist) -> Trainer:
     preflight(cfg)
     resume_path = ckpt.resolve_resume(cfg.resume_from, cfg.output_dir)
     earlier_run = check_output_dir(cfg, resume_path)
+    if earlier_run and os.path.lexists(os.path.join(cfg.output_dir, "transcoders")):
+        earlier_run.append("transcoders")  # the adapter loop's list does not know this loop's output
     from transformers import AutoConfig
 
     try:
@@ -619,7 +621,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, SetupError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # e.g. the activation stream refusing the data or the model
+    except ValueError as e:  # the activation stream or cache refusing the data, model or layers (before training)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

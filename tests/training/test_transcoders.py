@@ -119,8 +119,10 @@ def test_default_config_is_the_tiny_model():
 
 @pytest.mark.slow
 def test_default_run_meets_its_claims(tmp_path):
-    """The full default run (about half a minute on 2 cores): every layer's FVU <= 0.2 and dead
-    features <= 10% on held-out tokens, and the replacement model near the original."""
+    """The full default run (under 2 minutes on 2 cores) gives README's figures: every layer's FVU
+    <= 0.2 (measured 0.005-0.012) and dead features <= 10% (0-0.2%) on held-out tokens, and the
+    replacement model with every MLP replaced at KL 0.405, top-1 91.4%. The bounds leave room for
+    another torch's rounding, not for a regression."""
     out = tmp_path / "tiny"
     torch.set_num_threads(2)
     assert main(["--output_dir", str(out), "--progress_bar", "false"]) == 0
@@ -128,5 +130,36 @@ def test_default_run_meets_its_claims(tmp_path):
     f = s["final"]
     assert len(f["layers"]) == 4
     assert max(f["fvu"]) <= 0.2 and max(f["dead_fraction"]) <= 0.1
-    assert f["top1_all"] >= 0.8
+    assert f["kl_all"] <= 0.5 and f["top1_all"] >= 0.9
     assert s["total_seconds"] < 300
+
+
+@pytest.mark.parametrize("over", [{"activation": "batchtopk"}, {"activation": "relu", "l1_coefficient": 1e-3},
+                                  {"activation": "jumprelu", "l0_coefficient": 1e-3}])
+def test_every_activation_trains_and_saves(micro, tmp_path, over):
+    out = tmp_path / "run"
+    assert main(tc_args(micro, out, max_steps=3, **over)) == 0
+    f = json.load(open(out / "summary.json"))["final"]
+    assert all(x == x for x in f["fvu"])  # finite
+    assert load_transcoder(out / "transcoders" / "layer_1").activation == over["activation"]
+
+
+def test_non_finite_loss_stops_the_run(micro, tmp_path, monkeypatch, capsys):
+    from tckernels.nn import Transcoder
+
+    real = Transcoder.forward_with_aux
+    calls = []
+
+    def poisoned(self, x, target=None, mask=None):
+        out = real(self, x, target, mask)
+        calls.append(1)
+        if len(calls) > 4:  # from the third step on (two layers per step)
+            out.losses["loss"] = out.losses["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(Transcoder, "forward_with_aux", poisoned)
+    out = tmp_path / "run"
+    assert main(tc_args(micro, out, save_every=1)) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 3" in err and "step_00000002" in err
+    assert not (out / "summary.json").exists()
