@@ -163,3 +163,14 @@ def test_non_finite_loss_stops_the_run(micro, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "non-finite loss at step 3" in err and "step_00000002" in err
     assert not (out / "summary.json").exists()
+
+
+def test_config_errors_name_this_loop(tmp_path):
+    from training.config import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("zzzzzz: 1\n")
+    with pytest.raises(ConfigError, match="python -m training.transcoders --help"):
+        load_config(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="base_model"):  # the adapter loop's fields are not this loop's
+        load_config(["--base_model", "x"])
