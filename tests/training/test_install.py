@@ -50,13 +50,16 @@ def installed(tmp_path_factory):
 
 def test_the_wheel_has_the_loop_its_configs_and_assets(installed):
     _, names = installed
-    for must in ("training/train.py", "training/configs/tiny.yaml", "training/configs/r1_distil_7b.yaml",
+    for must in ("training/train.py", "training/transcoders.py", "training/configs/tiny.yaml",
+                 "training/configs/transcoders_tiny.yaml", "training/configs/r1_distil_7b.yaml",
                  "training/assets/tiny/base/model.safetensors", "training/assets/tiny/base/char_tokenizer.json",
                  "training/assets/tiny/train.jsonl"):
         assert must in names, must
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     site, _ = installed
-    assert "tckernels-train = training.train:main" in (site / entry_points).read_text()
+    scripts = (site / entry_points).read_text()
+    assert "tckernels-train = training.train:main" in scripts
+    assert "tckernels-train-transcoders = training.transcoders:main" in scripts
 
 
 def test_the_installed_loop_runs_from_another_directory(installed, tmp_path):
@@ -72,6 +75,7 @@ def test_the_installed_loop_runs_from_another_directory(installed, tmp_path):
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr
-    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "training.train", "--help"], cwd=tmp_path,
-                         capture_output=True, text=True, env=env)
-    assert out.returncode == 0 and "Defaults below are those of" in out.stdout, out.stdout + out.stderr
+    for loop in ("training.train", "training.transcoders"):
+        out = subprocess.run([sys.executable, "-W", "ignore", "-m", loop, "--help"], cwd=tmp_path,
+                             capture_output=True, text=True, env=env)
+        assert out.returncode == 0 and "Defaults below are those of" in out.stdout, (loop, out.stdout + out.stderr)
