@@ -618,10 +618,8 @@ def main(argv=None) -> int:
             print(config_lib.help_text(config_path_of(argv), TranscoderRunConfig, DEFAULT_CONFIG))
             return 0
         run(load_config(argv))
-    except (ConfigError, DataError, SetupError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # the activation stream or cache refusing the data, model or layers (before training)
+    # ValueError: the activation stream or cache refusing the data, model or layers (before training)
+    except (ConfigError, DataError, SetupError, ckpt.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
