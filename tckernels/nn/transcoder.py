@@ -20,6 +20,15 @@ Activations (``activation=``):
   gradient of width ``jumprelu_bandwidth`` (Rajamanoharan et al. 2024); optional L0 term
   (``l0_coefficient``) with the same estimator.
 
+Sparsity options of the published cross-layer-transcoder recipes (Anthropic, "Circuit Tracing"
+2025 and "Circuits Updates, January 2025"):
+
+- ``sparsity_tanh_scale = c``: the sparsity term becomes ``Σ_i tanh(c·f_i·‖W_dec[i]‖₂)``.
+- ``pre_act_coefficient > 0`` (ReLU, JumpReLU): adds the pre-activation loss
+  ``Σ_i ReLU(θ_i − h_i)·‖W_dec[i]‖₂`` over all N features (:meth:`Transcoder.pre_act_loss`), which
+  pushes up the pre-activations of features that never fire.
+- ``l1_coefficient`` can be changed between steps (``model.l1_coefficient = ...``), to ramp it.
+
 The ReLU-family encoders use a padded width ``k_max``: fixed when given (rows with more active
 features keep their ``k_max`` largest), else adaptive from the measured counts (no entry is ever
 dropped; one host synchronisation per call). Decoding is sparse or dense by the padded width
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
@@ -65,6 +75,59 @@ ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 DEC_INITS = ("zero", "unit_norm", "transpose")
 RECONSTRUCTION_LOSSES = ("mse", "fvu")
 _PARAMETER_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "b_pre", "log_threshold")
+#: Entries of the dense pre-activations the pre-activation loss makes at a time (64 MiB in float32).
+_PRE_ACT_CHUNK_ENTRIES = 1 << 24
+
+
+class _PreActLoss(torch.autograd.Function):
+    """``Σ_m Σ_i ReLU(θ_i − h[m, i])·norms[i]`` with ``h = x @ W_encᵀ + b_enc``, made a chunk of
+    rows at a time; backward makes each chunk of h again instead of keeping it. θ gets no gradient.
+
+    With ``a = [h < θ]``: ``dL/dh = −norms·a``, ``dL/dnorms = Σ_m ReLU(θ − h)``, and from dL/dh the
+    usual ``dW_enc = dhᵀx``, ``db_enc = Σ_m dh``, ``dx = dh·W_enc``.
+    """
+
+    @staticmethod
+    def _chunk_pre(x, W_enc, b_enc, theta, start, chunk):
+        xc = x[start:start + chunk]
+        h = torch.addmm(b_enc, xc, W_enc.t()) if b_enc is not None else xc @ W_enc.t()
+        return xc, theta - h.to(theta.dtype)
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, theta, norms, chunk: int):
+        ctx.save_for_backward(x, W_enc, b_enc, theta, norms)
+        ctx.chunk = chunk
+        total = norms.new_zeros(())
+        for start in range(0, x.shape[0], chunk):
+            _, gap = _PreActLoss._chunk_pre(x, W_enc, b_enc, theta, start, chunk)
+            total = total + gap.clamp_min(0).sum(0) @ norms
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, W_enc, b_enc, theta, norms = ctx.saved_tensors
+        need_x, need_w, need_b, _, need_n, _ = ctx.needs_input_grad
+        d_x = torch.empty_like(x) if need_x else None
+        d_W = torch.zeros_like(W_enc, dtype=theta.dtype) if need_w else None
+        d_b = torch.zeros_like(theta) if need_b else None
+        d_n = torch.zeros_like(norms) if need_n else None
+        neg = -(grad * norms)
+        for start in range(0, x.shape[0], ctx.chunk):
+            xc, gap = _PreActLoss._chunk_pre(x, W_enc, b_enc, theta, start, ctx.chunk)
+            below = gap > 0
+            if need_n:
+                d_n += gap.clamp_min(0).sum(0) * grad
+            d_h = below * neg  # [chunk, N], accumulation dtype
+            if need_w:
+                d_W += d_h.t() @ xc.to(d_h.dtype)
+            if need_b:
+                d_b += d_h.sum(0)
+            if need_x:
+                d_x[start:start + ctx.chunk] = (d_h.to(W_enc.dtype) @ W_enc).to(x.dtype)
+        d_W = d_W.to(W_enc.dtype) if d_W is not None else None
+        d_b = d_b.to(b_enc.dtype) if d_b is not None else None
+        return d_x, d_W, d_b, None, d_n, None
 
 
 @dataclass
@@ -91,6 +154,8 @@ class TranscoderConfig:
     dead_tokens_threshold: int = 10_000_000  # a feature is dead after this many real tokens without firing
     batchtopk_threshold_beta: float = 0.999  # EMA factor of the BatchTopK inference threshold
     reconstruction_loss: str = "mse"  # term in losses["loss"]: "mse" or "fvu"
+    sparsity_tanh_scale: Optional[float] = None  # c: sparsity Σ_i tanh(c·f_i·‖W_dec[i]‖₂) instead of Σ_i f_i·‖W_dec[i]‖₂
+    pre_act_coefficient: float = 0.0  # ReLU, JumpReLU: weight of Σ_i ReLU(θ_i − h_i)·‖W_dec[i]‖₂
 
     def __post_init__(self):
         def pos_int(v, name, allow_none=False):
@@ -129,9 +194,18 @@ class TranscoderConfig:
             raise ValueError(f"jumprelu_threshold must be > 0, got {self.jumprelu_threshold!r}")
         if not self.jumprelu_bandwidth > 0:
             raise ValueError(f"jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth!r}")
-        for name in ("l1_coefficient", "l0_coefficient"):
+        for name in ("l1_coefficient", "l0_coefficient", "pre_act_coefficient"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.pre_act_coefficient > 0 and self.activation in ("topk", "batchtopk"):
+            # a TopK feature is off because others are larger, not because it is below a
+            # threshold: there is no θ to push its pre-activation above
+            raise ValueError(
+                f"pre_act_coefficient applies to activation 'relu' or 'jumprelu', not {self.activation!r}"
+            )
+        c = self.sparsity_tanh_scale
+        if c is not None and (isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 < c < math.inf):
+            raise ValueError(f"sparsity_tanh_scale must be a finite number > 0 or None, got {c!r}")
         if self.aux_k_coefficient is not None and not self.aux_k_coefficient >= 0:
             raise ValueError(f"aux_k_coefficient must be >= 0 or None, got {self.aux_k_coefficient!r}")
         if not 0 <= self.batchtopk_threshold_beta < 1:
@@ -152,10 +226,23 @@ class TranscoderConfig:
         return 1.0 / 32.0 if self.activation in ("topk", "batchtopk") else 0.0
 
 
+def _check_coefficient(value, name: str) -> float:
+    """``value`` as a float, if it is a finite real number >= 0 (a loss weight set at run time)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}") from None
+    if not 0 <= v < math.inf:
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    return v
+
+
 class TranscoderOutput(NamedTuple):
     output: Tensor  # [..., d_out]
     acts: SparseActivations  # [..., w]
-    # "loss" (the total to minimise), "mse", "fvu", and where they apply "sparsity", "l0", "auxk"
+    # "loss" (the total to minimise), "mse", "fvu", and where they apply "sparsity", "l0", "pre_act", "auxk"
     losses: Dict[str, Tensor]
     metrics: Dict[str, Tensor]  # detached: "l0", "mse", "fvu", "dead_features", "n_tokens"
 
@@ -265,6 +352,16 @@ class Transcoder(nn.Module):
     def k_max(self, value: Optional[int]) -> None:
         self._cfg = dataclasses.replace(self._cfg, k_max=value)  # validated by the config
         self._width = self._new_width()
+
+    @property
+    def l1_coefficient(self) -> float:
+        """Weight of the sparsity term in ``forward_with_aux``'s loss. Settable between steps (a
+        finite float >= 0), so a training loop can ramp it."""
+        return self._cfg.l1_coefficient
+
+    @l1_coefficient.setter
+    def l1_coefficient(self, value: float) -> None:
+        self._cfg = dataclasses.replace(self._cfg, l1_coefficient=_check_coefficient(value, "l1_coefficient"))
 
     @torch.no_grad()
     def reset_parameters(self, seed: Optional[int] = None, only: Optional[Iterable[str]] = None) -> None:
@@ -454,16 +551,59 @@ class Transcoder(nn.Module):
         return _metrics.update_tokens_since_fired_(self.tokens_since_fired, acts.values.detach(), acts.indices, mask)
 
     def sparsity_per_token(self, acts: SparseActivations) -> Tensor:
-        """``Σ_i f_i·‖W_dec[i]‖₂`` for each token, ``[...]``, in float32 (float64 for float64
-        weights); differentiable in f (hence in the encoder) and in W_dec."""
+        """``Σ_i f_i·‖W_dec[i]‖₂`` for each token, ``[...]``, or ``Σ_i tanh(c·f_i·‖W_dec[i]‖₂)``
+        when the config's ``sparsity_tanh_scale`` is c; in float32 (float64 for float64
+        weights); differentiable in f (hence in the encoder) and in W_dec. Sums over the sparse
+        slots only: padded slots hold f = 0 and add 0 in either form."""
         values, indices = acts
         dt = torch.promote_types(values.dtype, torch.float32)
         norms = self.W_dec.to(dt).norm(dim=1)
-        return (values.to(dt) * norms[indices]).sum(-1)
+        weighted = values.to(dt) * norms[indices]
+        c = self._cfg.sparsity_tanh_scale
+        if c is not None:
+            weighted = torch.tanh(c * weighted)
+        return weighted.sum(-1)
 
     def sparsity_term(self, acts: SparseActivations, mask: Optional[Tensor] = None) -> Tensor:
         """:meth:`sparsity_per_token`, mean over real tokens (the transcoder-adapter paper's S)."""
         return _metrics.masked_mean(self.sparsity_per_token(acts), mask)
+
+    def pre_act_loss(self, x: Tensor, mask: Optional[Tensor] = None, chunk_tokens: Optional[int] = None) -> Tensor:
+        """Pre-activation loss ``Σ_i ReLU(θ_i − h_i(x))·‖W_dec[i]‖₂``, mean over real tokens, with
+        ``h = x_in @ W_encᵀ + b_enc`` the dense pre-activations of all N features and θ =
+        ``exp(log_threshold)`` (JumpReLU) or 0 (ReLU). It pushes up the pre-activations of features
+        that do not fire, dead ones included.
+
+        Gradients reach W_enc, b_enc, b_pre (and x) through h and W_dec through the norms. θ is
+        detached: the loss would otherwise lower the thresholds, undoing the L0 and sparsity terms
+        that set them. The ``[tokens, N]`` pre-activations are made ``chunk_tokens`` rows at a time
+        (default: about 2**24 entries) in forward and made again in backward, so no tensor of
+        that size is kept between them. Float32 accumulation (float64 for float64 weights).
+        """
+        self._check_x(x)
+        if self.activation not in ("relu", "jumprelu"):
+            raise ValueError(
+                f"the pre-activation loss (pre_act_coefficient) applies to 'relu' or 'jumprelu', not {self.activation!r}"
+            )
+        dt = torch.promote_types(self.W_enc.dtype, torch.float32)
+        x_in = self._encoder_input(x).reshape(-1, self.d_in)
+        m = _metrics.check_mask(mask, x.shape[:-1])
+        if m is not None:
+            x_in = x_in[m]
+        n_real = x_in.shape[0]
+        if n_real == 0:
+            return x.new_zeros((), dtype=dt)
+        if self.log_threshold is None:
+            theta = torch.zeros(self.n_features, dtype=dt, device=x.device)
+        else:
+            theta = self.log_threshold.detach().to(dt).exp()
+        if chunk_tokens is None:
+            chunk_tokens = max(1, _PRE_ACT_CHUNK_ENTRIES // self.n_features)
+        elif isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+        norms = self.W_dec.to(dt).norm(dim=1)
+        total = _PreActLoss.apply(x_in, self.W_enc, self.b_enc, theta, norms, chunk_tokens)
+        return total / n_real
 
     def auxk_loss(
         self,
@@ -515,6 +655,32 @@ class Transcoder(nn.Module):
         den = e.to(dt).pow(2).sum()
         return num / den.clamp_min(torch.finfo(dt).tiny)
 
+    def _regularizers(self, x: Tensor, acts: SparseActivations, extra: dict, mask: Optional[Tensor]) -> Dict[str, Tensor]:
+        """The unweighted terms "sparsity", "l0" and "pre_act" where they apply, for the
+        activations and ``extra`` that ``_encode(x, mask)`` returned."""
+        cfg = self._cfg
+        terms: Dict[str, Tensor] = {}
+        if self.activation in ("relu", "jumprelu") or cfg.l1_coefficient > 0:
+            terms["sparsity"] = self.sparsity_term(acts, mask)
+        if self.activation == "jumprelu":
+            res: JumpReLUResult = extra["jump"]
+            step = StepSTE.apply(res.s, res.theta, res.valid, float(cfg.jumprelu_bandwidth))
+            terms["l0"] = _metrics.masked_mean(step.sum(-1), mask)
+        if cfg.pre_act_coefficient > 0:
+            terms["pre_act"] = self.pre_act_loss(x, mask)
+        return terms
+
+    def _weighted_regularizers(self, total: Tensor, terms: Dict[str, Tensor]) -> Tensor:
+        """``total`` plus each of :meth:`_regularizers`' terms times its coefficient (those > 0)."""
+        cfg = self._cfg
+        weights = (
+            ("sparsity", cfg.l1_coefficient), ("l0", cfg.l0_coefficient), ("pre_act", cfg.pre_act_coefficient)
+        )
+        for name, coef in weights:
+            if name in terms and coef > 0:
+                total = total + coef * terms[name]
+        return total
+
     def forward_with_aux(
         self, x: Tensor, target: Optional[Tensor] = None, mask: Optional[Tensor] = None
     ) -> TranscoderOutput:
@@ -523,7 +689,8 @@ class Transcoder(nn.Module):
         target ``[..., d_out]`` (default: x, which needs d_out == d_in); mask bool ``[...]`` marks
         the real tokens: losses and metrics count them only. ``losses["loss"]`` is the objective:
         the reconstruction term (``reconstruction_loss``: "mse" or "fvu") plus
-        ``l1_coefficient·sparsity`` + ``l0_coefficient·l0`` (JumpReLU) + ``aux_k_coefficient·auxk``.
+        ``l1_coefficient·sparsity`` + ``l0_coefficient·l0`` (JumpReLU) +
+        ``pre_act_coefficient·pre_act`` (:meth:`pre_act_loss`) + ``aux_k_coefficient·auxk``.
         """
         cfg = self._cfg
         self._check_x(x)
@@ -544,17 +711,9 @@ class Transcoder(nn.Module):
         losses: Dict[str, Tensor] = {}
         losses["mse"] = _metrics.mse(output, target, mask)
         losses["fvu"] = _metrics.fvu(output, target, mask)
-        total = losses[cfg.reconstruction_loss]
-        if self.activation in ("relu", "jumprelu") or cfg.l1_coefficient > 0:
-            losses["sparsity"] = self.sparsity_term(acts, mask)
-            if cfg.l1_coefficient > 0:
-                total = total + cfg.l1_coefficient * losses["sparsity"]
-        if self.activation == "jumprelu":
-            res: JumpReLUResult = extra["jump"]
-            step = StepSTE.apply(res.s, res.theta, res.valid, float(cfg.jumprelu_bandwidth))
-            losses["l0"] = _metrics.masked_mean(step.sum(-1), mask)
-            if cfg.l0_coefficient > 0:
-                total = total + cfg.l0_coefficient * losses["l0"]
+        terms = self._regularizers(x, acts, extra, mask)
+        losses.update(terms)
+        total = self._weighted_regularizers(losses[cfg.reconstruction_loss], terms)
         if aux_coef > 0:
             losses["auxk"] = self.auxk_loss(x, (target - output).detach(), dead, mask, extra.get("pre"))
             total = total + aux_coef * losses["auxk"]
