@@ -37,7 +37,9 @@ Inputs = Union[Tensor, Sequence[Tensor]]
 class CrossLayerOutput(NamedTuple):
     outputs: List[Tensor]  # per layer [..., d_out]
     acts: List[SparseActivations]  # per layer [..., w_ℓ]
-    losses: Dict[str, Tensor]  # "loss", "mse", "fvu" (means over layers), "sparsity" where it applies
+    # "loss", "mse", "fvu" (means over layers); where they apply "sparsity", "l0", "pre_act" (sums
+    # over source layers) and "auxk" (mean over source layers)
+    losses: Dict[str, Tensor]
     metrics: Dict[str, Tensor]  # detached: "l0" (summed over layers), "mse", "fvu", "dead_features", "n_tokens"
 
 
@@ -120,6 +122,19 @@ class CrossLayerTranscoder(nn.Module):
             raise ValueError(f"features of layer {source} do not write to earlier layer {target}")
         return W[:, target - source]
 
+    @property
+    def l1_coefficient(self) -> float:
+        """Weight of the sparsity term in ``forward_with_aux``'s loss; setting it (a finite float
+        >= 0) sets every source layer's, so a training loop can ramp it."""
+        return self.layers[0].l1_coefficient
+
+    @l1_coefficient.setter
+    def l1_coefficient(self, value: float) -> None:
+        first = self.layers[0]
+        first.l1_coefficient = value  # validates before any layer changes
+        for layer in self.layers[1:]:
+            layer.l1_coefficient = first.l1_coefficient
+
     def _check_layer(self, i: int, name: str) -> None:
         if not isinstance(i, int) or not 0 <= i < self.n_layers:
             raise IndexError(f"{name} layer must be in [0, {self.n_layers}), got {i!r}")
@@ -189,31 +204,55 @@ class CrossLayerTranscoder(nn.Module):
         return torch.stack(outs) if isinstance(xs, Tensor) else outs
 
     def sparsity_term(self, acts: Sequence[SparseActivations], mask: Optional[Tensor] = None) -> Tensor:
-        """``Σ_ℓ Σ_i f_ℓi·‖W_dec_ℓ[i]‖₂`` (whole concatenated decoder rows), mean over real tokens."""
+        """``Σ_ℓ Σ_i f_ℓi·‖W_dec_ℓ[i]‖₂`` (whole concatenated decoder rows), mean over real tokens;
+        each source's :meth:`Transcoder.sparsity_term`, so the tanh form when the config has
+        ``sparsity_tanh_scale``."""
         return sum(layer.sparsity_term(a, mask) for layer, a in zip(self.layers, acts))
 
     def forward_with_aux(self, xs: Inputs, targets: Inputs, mask: Optional[Tensor] = None) -> CrossLayerOutput:
-        """Forward pass with training losses: per-layer reconstruction (``mse`` / ``fvu``, each the
-        mean over layers; ``reconstruction_loss`` of the config picks the one in ``loss``) plus
-        ``l1_coefficient`` times :meth:`sparsity_term`. ``mask`` (bool ``[...]``) marks real tokens.
-        Per-source extras (AuxK, JumpReLU's L0 term) are available from ``self.layers[ℓ]``."""
+        """Forward pass with the training objective; ``mask`` (bool ``[...]``) marks real tokens.
+
+        ``losses["loss"]`` is the per-layer reconstruction (``mse`` / ``fvu``, each the mean over
+        target layers; ``reconstruction_loss`` of the config picks the one in ``loss``) plus, with
+        the config's coefficients, these terms of the source layers ``self.layers[ℓ]``:
+
+        - ``l1_coefficient·sparsity``, :meth:`sparsity_term` (summed over sources; the tanh form
+          when ``sparsity_tanh_scale`` is set);
+        - ``l0_coefficient·l0`` (JumpReLU): the straight-through L0 term, summed over sources;
+        - ``pre_act_coefficient·pre_act``: :meth:`Transcoder.pre_act_loss`, summed over sources;
+        - ``aux_coefficient·auxk``: AuxK, mean over sources, where source ℓ's dead features (those
+          dead before this batch) reconstruct the residual of its whole decoder row, the
+          concatenation over targets j ≥ ℓ of ``(target_j − output_j)`` (detached).
+        """
         xs_l = self._split(xs)
         ts = self._split(targets, "targets")
         lead = xs_l[0].shape[:-1]
         if tuple(ts[0].shape) != (*lead, self.d_out):
             raise ValueError(f"targets must be [..., d_out] = {(*lead, self.d_out)} per layer, got {tuple(ts[0].shape)}")
-        acts = [layer.encode(x, mask) for layer, x in zip(self.layers, xs_l)]
+        first = self.layers[0]
+        cfg = first._cfg
+        aux_coef = cfg.aux_coefficient
+        dead = [layer.dead_mask() for layer in self.layers] if aux_coef > 0 else None  # before this batch
+        encoded = [layer._encode(x, mask) for layer, x in zip(self.layers, xs_l)]
+        acts = [a for a, _ in encoded]
         outs = self.decode(acts, xs_l)
-        cfg = self.layers[0].config
         losses: Dict[str, Tensor] = {
             "mse": torch.stack([_metrics.mse(o, t, mask) for o, t in zip(outs, ts)]).mean(),
             "fvu": torch.stack([_metrics.fvu(o, t, mask) for o, t in zip(outs, ts)]).mean(),
         }
-        total = losses[cfg.reconstruction_loss]
-        if self.activation in ("relu", "jumprelu") or cfg.l1_coefficient > 0:
-            losses["sparsity"] = self.sparsity_term(acts, mask)
-            if cfg.l1_coefficient > 0:
-                total = total + cfg.l1_coefficient * losses["sparsity"]
+        per_source = [layer._regularizers(x, a, extra, mask) for layer, x, (a, extra) in zip(self.layers, xs_l, encoded)]
+        terms = {name: sum(t[name] for t in per_source) for name in per_source[0]}
+        losses.update(terms)
+        # every source shares the config, so its coefficients weight the sums
+        total = first._weighted_regularizers(losses[cfg.reconstruction_loss], terms)
+        if aux_coef > 0:
+            residuals = [(t - o).detach() for t, o in zip(ts, outs)]
+            auxk = [
+                layer.auxk_loss(x, torch.cat(residuals[src:], dim=-1), dead[src], mask, extra.get("pre"))
+                for src, (layer, x, (_, extra)) in enumerate(zip(self.layers, xs_l, encoded))
+            ]
+            losses["auxk"] = torch.stack(auxk).mean()
+            total = total + aux_coef * losses["auxk"]
         losses["loss"] = total
         metrics = {
             "l0": sum(_metrics.l0(a.values.detach(), mask) for a in acts),
