@@ -512,7 +512,9 @@ class ActivationStream:
     ``take`` hands out the rows in stream order; ``state_dict`` is the position (the forward and the rows
     of it already taken). With ``cache_dir`` every sequence's rows are written to an
     :class:`ActivationCache` when first made and read from it afterwards, in this run or a later one:
-    a forward whose sequences are all on disk does not run the model. ``forwards`` counts those that did.
+    a forward whose sequences are all on disk does not run the model. ``forwards`` counts those that did;
+    ``seconds`` is the host time spent making rows (model forwards, cache reads and writes), for
+    telling how much of a training step goes to the activations. It is not part of ``state_dict``.
 
     The model is put in eval mode (no dropout); its parameters are not touched otherwise.
     """
@@ -552,6 +554,7 @@ class ActivationStream:
         self.dtype = _model_dtype(model)
         self.device = _model_device(model)
         self.forwards = 0
+        self.seconds = 0.0
         self._perms: dict[int, Tensor] = {}
         self._widths: Optional[tuple[int, Optional[int]]] = None
         self.cache = None
@@ -586,8 +589,10 @@ class ActivationStream:
 
     def _probe_widths(self) -> tuple[int, Optional[int]]:
         if self._widths is None:  # one token through the model
+            t0 = time.perf_counter()
             x, y = self._hooks.run(self.model, self.sequences[:1, :1].to(self.device), None, self.dtype,
                                    self.stop_early)
+            self.seconds += time.perf_counter() - t0
             self.forwards += 1
             self._widths = (x.shape[-1], None if y is None else y.shape[-1])
         return self._widths
@@ -630,6 +635,7 @@ class ActivationStream:
             return None
         stop = int(min(start + self.forward_batch_size, end))
         ids = self._sequence_ids(start, stop)
+        t0 = time.perf_counter()
         if self.cache is not None and self.cache.has(ids):
             inputs, outputs = self.cache.read(ids)  # rows on the model's device, as the model makes them
             inputs = inputs.to(self.device)
@@ -641,6 +647,7 @@ class ActivationStream:
             self._widths = (inputs.shape[-1], None if outputs is None else outputs.shape[-1])
             if self.cache is not None:
                 self.cache.write(ids, inputs, outputs)
+        self.seconds += time.perf_counter() - t0
         T = self.context_length
         return Activations(inputs, outputs, torch.arange(start * T, stop * T))
 
