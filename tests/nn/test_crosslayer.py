@@ -173,3 +173,153 @@ def test_clt_forward_with_aux_losses():
     out.losses["loss"].backward()
     assert all(p.grad is not None for p in clt.parameters())
     assert int(out.metrics["n_tokens"]) == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# the complete objective: L0, pre-activation loss, tanh sparsity, AuxK per source
+# ------------------------------------------------------------------------------------------------
+
+
+def _clt_mask():
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    return mask
+
+
+def _dense_auxk(tc, x, e, dead, aux_k, mask):
+    """AuxK written out: the aux_k largest relu'd dead pre-activations reconstruct e (no bias)."""
+    pre = x @ tc.W_enc.T + tc.b_enc
+    pre = pre.masked_fill(~dead, float("-inf"))
+    top = pre.topk(min(aux_k, int(dead.sum())), dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.clamp_min(0))
+    e_hat = f @ tc.W_dec
+    m = mask.unsqueeze(-1)
+    return (((e - e_hat) ** 2) * m).sum() / ((e**2) * m).sum()
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_clt_auxk_per_source_matches_hand_computation(activation):
+    torch.manual_seed(5)
+    L, d, N, aux_k = 3, 4, 16, 3
+    clt = CrossLayerTranscoder(L, d, N, activation=activation, k=2, aux_k=aux_k, dtype=torch.float64)
+    _randomize(clt, 5)
+    clt.train()
+    xs = torch.randn(L, 2, 5, d, dtype=torch.float64)
+    ts = torch.randn(L, 2, 5, d, dtype=torch.float64)
+    mask = _clt_mask()
+    thr = clt.layers[0].config.dead_tokens_threshold
+    # dead sets that include features firing in this batch: the dead mask must be the one
+    # from before the batch, not the one the batch's encode leaves behind
+    fires0 = clt.layers[0].encode(xs[0]).indices.flatten().unique()
+    dead_sets = {0: sorted(set(fires0[:2].tolist()) | {1, 5, 9}), 1: [0, 2, 3, 4, 6, 7, 8, 10, 11, 12]}
+    with torch.no_grad():
+        for src, feats in dead_sets.items():
+            clt.layers[src].tokens_since_fired.zero_()
+            clt.layers[src].tokens_since_fired[feats] = thr
+        clt.layers[2].tokens_since_fired.zero_()
+    dead = [layer.dead_mask().clone() for layer in clt.layers]
+
+    out = clt.forward_with_aux(xs, ts, mask)
+    assert any(int(layer.dead_mask().sum()) < int(dm.sum()) for layer, dm in zip(clt.layers, dead))
+    residuals = [(t - o).detach() for t, o in zip(ts, out.outputs)]
+    expect = []
+    for src, tc in enumerate(clt.layers):
+        if not dead[src].any():
+            expect.append(torch.zeros((), dtype=torch.float64))
+            continue
+        e = torch.cat(residuals[src:], dim=-1)
+        assert e.shape[-1] == (L - src) * d
+        expect.append(_dense_auxk(tc, xs[src], e, dead[src], aux_k, mask))
+    assert expect[0] > 0 and expect[1] > 0
+    torch.testing.assert_close(out.losses["auxk"], torch.stack(expect).mean())
+    torch.testing.assert_close(out.losses["loss"], out.losses["mse"] + (1 / 32) * out.losses["auxk"])
+
+    # the AuxK gradient reaches the dead features' encoder rows of the sources that have them
+    (g,) = torch.autograd.grad(out.losses["auxk"], [clt.layers[1].W_enc])
+    assert g[dead[1]].abs().sum() > 0
+
+
+def test_clt_no_auxk_without_dead_features_or_coefficient():
+    torch.manual_seed(6)
+    L, d, N = 2, 4, 12
+    xs, ts = torch.randn(L, 6, d), torch.randn(L, 6, d)
+    clt = CrossLayerTranscoder(L, d, N, activation="topk", k=2)
+    out = clt.forward_with_aux(xs, ts)
+    assert float(out.losses["auxk"]) == 0.0
+    relu = CrossLayerTranscoder(L, d, N, activation="relu")
+    assert "auxk" not in relu.forward_with_aux(xs, ts).losses
+
+
+def test_clt_l0_pre_act_and_tanh_sum_per_source_terms():
+    import copy
+
+    torch.manual_seed(7)
+    L, d, N, c = 3, 6, 20, 2.5
+    coefs = dict(l1_coefficient=0.02, l0_coefficient=0.003, pre_act_coefficient=0.05)
+    clt = CrossLayerTranscoder(
+        L, d, N, activation="jumprelu", pre_bias=True, sparsity_tanh_scale=c, dtype=torch.float64, **coefs
+    )
+    _randomize(clt, 7)
+    ref = copy.deepcopy(clt)
+    xs = torch.randn(L, 2, 5, d, dtype=torch.float64)
+    ts = torch.randn(L, 2, 5, d, dtype=torch.float64)
+    mask = _clt_mask()
+    out = clt.forward_with_aux(xs, ts, mask)
+    for key in ("mse", "fvu", "sparsity", "l0", "pre_act", "loss"):
+        assert key in out.losses, key
+    assert "auxk" not in out.losses  # aux coefficient defaults to 0 for jumprelu
+
+    # each source alone, as a Transcoder (the terms do not depend on the target)
+    per = [
+        tc.forward_with_aux(x, torch.zeros(*x.shape[:-1], tc.d_out, dtype=x.dtype), mask).losses
+        for tc, x in zip(ref.layers, xs)
+    ]
+    for key in ("sparsity", "l0", "pre_act"):
+        torch.testing.assert_close(out.losses[key], sum(p[key] for p in per), msg=key)
+
+    # and written out densely
+    m = mask.to(torch.float64)
+    l0 = pre_act = sparsity = 0
+    for tc, x in zip(clt.layers, xs):
+        pre = (x - tc.b_pre) @ tc.W_enc.T + tc.b_enc
+        theta = tc.log_threshold.exp()
+        norms = tc.W_dec.norm(dim=1)
+        f = pre * (pre > theta)
+        l0 = l0 + ((pre > theta).sum(-1) * m).sum() / m.sum()
+        pre_act = pre_act + (((theta - pre).relu() * norms).sum(-1) * m).sum() / m.sum()
+        sparsity = sparsity + (torch.tanh(c * f * norms).sum(-1) * m).sum() / m.sum()
+    torch.testing.assert_close(out.losses["l0"], l0.to(torch.float64))
+    torch.testing.assert_close(out.losses["pre_act"], pre_act)
+    torch.testing.assert_close(out.losses["sparsity"], sparsity)
+    L_ = out.losses
+    torch.testing.assert_close(
+        L_["loss"], L_["mse"] + 0.02 * L_["sparsity"] + 0.003 * L_["l0"] + 0.05 * L_["pre_act"]
+    )
+    L_["loss"].backward()
+    assert all(layer.log_threshold.grad is not None for layer in clt.layers)  # from the L0 term
+
+
+def test_clt_l1_coefficient_setter_sets_every_source():
+    torch.manual_seed(8)
+    L, d, N = 3, 4, 12
+    clt = CrossLayerTranscoder(L, d, N, activation="relu", dtype=torch.float64)
+    _randomize(clt, 8)
+    xs, ts = torch.randn(L, 5, d, dtype=torch.float64), torch.randn(L, 5, d, dtype=torch.float64)
+    out0 = clt.forward_with_aux(xs, ts)
+    torch.testing.assert_close(out0.losses["loss"], out0.losses["mse"])
+    clt.l1_coefficient = 0.125
+    assert clt.l1_coefficient == 0.125
+    assert all(layer.config.l1_coefficient == 0.125 for layer in clt.layers)
+    out1 = clt.forward_with_aux(xs, ts)
+    torch.testing.assert_close(out1.losses["loss"], out1.losses["mse"] + 0.125 * out1.losses["sparsity"])
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="l1_coefficient"):
+            clt.l1_coefficient = bad
+        assert all(layer.l1_coefficient == 0.125 for layer in clt.layers)
+
+
+def test_clt_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="pre_act_coefficient"):
+        CrossLayerTranscoder(2, 4, 8, activation="topk", k=2, pre_act_coefficient=0.1)
+    with pytest.raises(ValueError, match="sparsity_tanh_scale"):
+        CrossLayerTranscoder(2, 4, 8, activation="relu", sparsity_tanh_scale=-1.0)
