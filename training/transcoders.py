@@ -39,16 +39,18 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from tckernels.nn import Standardizer, Transcoder, fold_standardization_, save_transcoder
+from tckernels.nn import Standardizer, save_transcoder
 from tckernels.nn.standardize import Standardization
 from tckernels.nn import metrics as M
 from training import checkpoint as ckpt
 from training import config as config_lib
-from training.activations import ActivationBuffer, ActivationStream, capture_activations, load_sequences
+from training.activations import ActivationBuffer, ActivationStream, _first_tensor, load_sequences
 from training.config import ConfigError, _f, config_path_of
 from training.data import DataError, load_tokenizer
+from training.dictionaries import ARCHITECTURES, BILINEAR_KINDS, build_dictionary
 from training.reporting import Reporter, progress_bar, say
 from training.train import (Dist, SetupError, TrainingDiverged, _check_model_path, _load_model,
                             check_output_dir, clear_earlier_run, lr_lambda)
@@ -74,24 +76,46 @@ class TranscoderRunConfig:
     context_length: int = _f(128, "tokens per packed row (documents joined with EOS)")
     max_train_sequences: Optional[int] = _f(None, "use at most this many training rows")
     forward_batch_size: int = _f(8, "rows per model forward")
-    buffer_tokens: int = _f(32768, "activations held in the shuffling buffer")
-    batch_tokens: int = _f(1024, "tokens per optimizer step")
+    buffer_tokens: int = _f(32768, "activations held in the shuffling buffer (per process)")
+    batch_tokens: int = _f(1024, "tokens per optimizer step, per process")
     cache_dir: Optional[str] = _f(None, "on-disk activation cache (.npy shards), reused when it matches")
-    # ---- transcoders --------------------------------------------------------------------------
-    n_features: int = _f(1024, "features per layer")
+    # ---- the dictionary -----------------------------------------------------------------------
+    architecture: str = _f("per_layer", "per_layer: one transcoder per chosen layer; crosslayer: one cross-layer "
+                           "transcoder over them (features read at a layer write to it and to every later chosen "
+                           "layer); bilinear: one dense bilinear layer per chosen layer", ARCHITECTURES)
+    bilinear_kind: str = _f("transcoder", "architecture bilinear: 'transcoder' = BilinearTranscoder (the published "
+                            "Pythia bilinear transcoders' class), 'mlp' = BilinearMLP, head(left(x) * right(x))",
+                            BILINEAR_KINDS)
+    n_features: int = _f(1024, "features per layer (bilinear: the hidden width)")
     activation: str = _f("topk", "feature activation", ("topk", "batchtopk", "relu", "jumprelu"))
     k: Optional[int] = _f(32, "features per token for topk/batchtopk")
-    l1_coefficient: float = _f(0.0, "weight of the l1 sparsity term (relu; any activation when > 0)")
+    pre_bias: bool = _f(False, "pre-encoder bias: the encoder reads x - b_pre")
+    reconstruction_loss: str = _f("mse", "reconstruction term of the objective", ("mse", "fvu"))
+    l1_coefficient: float = _f(0.0, "weight of the sparsity term sum_i f_i*|W_dec[i]| (relu, jumprelu; any "
+                               "activation when > 0)")
+    sparsity_tanh_scale: Optional[float] = _f(None, "sparsity term sum_i tanh(c * f_i*|W_dec[i]|) with this c "
+                                              "(null: the plain sum)")
+    l1_warmup_ratio: float = _f(0.0, "fraction of the steps over which l1_coefficient ramps up linearly from 0")
     l0_coefficient: float = _f(0.0, "weight of the L0 term (jumprelu)")
+    pre_act_coefficient: float = _f(0.0, "weight of the pre-activation loss sum_i relu(theta_i - h_i)*|W_dec[i]| "
+                                    "(relu, jumprelu)")
     jumprelu_threshold: float = _f(0.001, "initial JumpReLU threshold")
+    jumprelu_bandwidth: float = _f(0.001, "JumpReLU straight-through estimator's bandwidth")
+    aux_k: Optional[int] = _f(None, "AuxK: dead features per token that reconstruct the residual (null: d_out/2)")
     aux_k_coefficient: Optional[float] = _f(None, "weight of AuxK (null: 1/32 for topk/batchtopk, else 0)")
     dead_after_tokens: int = _f(1_000_000, "a feature that has not fired for this many training tokens is dead")
-    standardize: str = _f("layer", "standardise inputs and outputs: one std per layer, per dimension, or not",
+    standardize: str = _f("layer", "standardise inputs and outputs: one std per layer, per dimension, or not "
+                          "(bilinear transcoder: its input is scaled by one std, not centred; see README)",
                           ("layer", "dim", "none"))
     standardize_batches: int = _f(8, "batches read to estimate the standardisation")
     # ---- optimisation -------------------------------------------------------------------------
-    learning_rate: float = _f(1e-3, "peak AdamW learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
+    optimizer: str = _f("adamw", "adamw, or muon: torch.optim.Muon on the 2-D weight matrices and AdamW on the "
+                        "rest", ("adamw", "muon"))
+    learning_rate: float = _f(1e-3, "peak learning rate (optimizer muon: Muon's)")
+    adamw_learning_rate: Optional[float] = _f(None, "optimizer muon: AdamW's peak learning rate for the "
+                                              "parameters that are not matrices (null: learning_rate)")
+    muon_momentum: float = _f(0.95, "optimizer muon: Muon's momentum")
+    weight_decay: float = _f(0.0, "weight decay (AdamW and Muon)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
@@ -99,10 +123,12 @@ class TranscoderRunConfig:
     warmup_ratio: float = _f(0.05, "fraction of the steps with linear warm-up")
     min_lr_ratio: float = _f(0.0, "the cosine decays to learning_rate * min_lr_ratio")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
+    autocast: bool = _f(False, "run the dictionary's forward under torch.autocast in bfloat16 (float32 master "
+                        "weights and optimizer state)")
     max_steps: int = _f(1000, "optimizer steps")
     seed: int = _f(0, "seed of the initialisation, data order and buffer shuffles")
-    device: str = _f("auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'")
-    num_threads: Optional[int] = _f(None, "torch CPU threads (default: torch's)")
+    device: str = _f("auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N' (torchrun: one GPU per process)")
+    num_threads: Optional[int] = _f(None, "torch CPU threads per process (default: torch's)")
     # ---- run, logging, checkpoints ------------------------------------------------------------
     output_dir: str = _f("runs/transcoders", "where metrics, checkpoints and the transcoders go")
     log_every: int = _f(10, "steps between metric lines")
@@ -111,7 +137,7 @@ class TranscoderRunConfig:
     resume_from: Optional[str] = _f(None, "checkpoint directory to resume, or 'latest' (the newest in output_dir)")
     overwrite_output_dir: bool = _f(False, "start afresh in an output_dir that holds an earlier run, deleting it")
     halt_at_step: Optional[int] = _f(None, "stop (with a checkpoint) after this step, as if interrupted")
-    progress_bar: bool = _f(True, "show a progress bar (progress lines instead when not on a terminal)")
+    progress_bar: bool = _f(True, "show a progress bar (rank 0; progress lines instead when not on a terminal)")
     report_to: str = _f("none", "also log to wandb or tensorboard", ("none", "wandb", "tensorboard"))
     wandb_project: str = _f("transcoders", "wandb project")
     # ---- evaluation ---------------------------------------------------------------------------
@@ -130,24 +156,36 @@ class TranscoderRunConfig:
                      "val_sequences", "val_batch_size"):
             if getattr(self, name) < 1:
                 errs.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_sequences", "halt_at_step", "num_threads", "k"):
+        for name in ("max_train_sequences", "halt_at_step", "num_threads", "k", "aux_k"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 errs.append(f"{name}: must be >= 1 or null, got {v}")
-        for name in ("save_every", "eval_every", "l1_coefficient", "l0_coefficient", "weight_decay",
-                     "max_grad_norm", "adam_eps"):
+        for name in ("save_every", "eval_every", "l1_coefficient", "l0_coefficient", "pre_act_coefficient",
+                     "weight_decay", "max_grad_norm", "adam_eps"):
             if getattr(self, name) < 0:
                 errs.append(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            errs.append(f"learning_rate: must be > 0, got {self.learning_rate}")
-        for name in ("warmup_ratio", "min_lr_ratio"):
+        for name in ("learning_rate", "adamw_learning_rate", "jumprelu_threshold", "jumprelu_bandwidth",
+                     "sparsity_tanh_scale"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                errs.append(f"{name}: must be > 0, got {v}")
+        for name in ("warmup_ratio", "min_lr_ratio", "l1_warmup_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 errs.append(f"{name}: must be in [0, 1], got {getattr(self, name)}")
-        if self.activation in ("topk", "batchtopk"):
+        for name in ("adam_beta1", "adam_beta2", "muon_momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                errs.append(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.architecture != "bilinear" and self.activation in ("topk", "batchtopk"):
             if self.k is None:
                 errs.append(f"k: activation {self.activation!r} needs k (features per token)")
             elif self.k > self.n_features:
                 errs.append(f"k: {self.k} > n_features {self.n_features}")
+        if self.architecture != "bilinear" and self.pre_act_coefficient > 0 and self.activation in ("topk", "batchtopk"):
+            errs.append(f"pre_act_coefficient: applies to activation relu or jumprelu, not {self.activation!r}")
+        if self.architecture == "bilinear" and self.bilinear_kind == "transcoder" and self.standardize == "dim":
+            errs.append("standardize: 'dim' cannot be folded into a BilinearTranscoder (its hidden layer is "
+                        "(sum_i x_i) * W_right x: no shift or per-dimension scale of x fits in it); use 'layer' "
+                        "(one std, not centred), 'none', or bilinear_kind 'mlp'")
         if self.buffer_tokens < 2 * self.batch_tokens:
             errs.append(f"buffer_tokens: {self.buffer_tokens} must be at least 2 x batch_tokens ({self.batch_tokens})")
         try:
@@ -197,17 +235,18 @@ def load_config(argv=None) -> TranscoderRunConfig:
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class Trainer:
-    """One run: what ``setup`` builds and the state each step advances (with the optimizer,
-    scheduler, buffer and RNG states, what a checkpoint keeps)."""
+    """One run: what ``setup`` builds and the state each step advances (with the optimizers,
+    schedulers, buffer and RNG states, what a checkpoint keeps)."""
     cfg: TranscoderRunConfig
     pg: Dist
     model: torch.nn.Module
     layers: list
     buffer: ActivationBuffer
     val_ids: torch.Tensor  # [n, context_length] held-out rows
-    transcoders: torch.nn.ModuleList  # one per layer, trained on standardised activations
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    dictionary: torch.nn.Module  # training/dictionaries.py; trained on standardised activations
+    objective: torch.nn.Module  # the dictionary, or its DistributedDataParallel wrapper
+    optimizers: list
+    schedulers: list
     std_in: list = field(default_factory=list)  # per layer: Standardization or None
     std_out: list = field(default_factory=list)
     step: int = 0
@@ -246,21 +285,22 @@ def load_data(cfg: TranscoderRunConfig, tokenizer):
     return train, val
 
 
-def make_transcoders(cfg: TranscoderRunConfig, d_in: int, d_out: int, n: int, device) -> torch.nn.ModuleList:
-    kw = dict(activation=cfg.activation, l1_coefficient=cfg.l1_coefficient,
-              jumprelu_threshold=cfg.jumprelu_threshold, l0_coefficient=cfg.l0_coefficient,
+def transcoder_kwargs(cfg: TranscoderRunConfig) -> dict:
+    """The ``tckernels.nn.Transcoder`` arguments of the configuration (per layer, or per CLT source)."""
+    kw = dict(activation=cfg.activation, pre_bias=cfg.pre_bias, reconstruction_loss=cfg.reconstruction_loss,
+              l1_coefficient=l1_at(cfg, 0), sparsity_tanh_scale=cfg.sparsity_tanh_scale,
+              jumprelu_threshold=cfg.jumprelu_threshold, jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+              l0_coefficient=cfg.l0_coefficient, pre_act_coefficient=cfg.pre_act_coefficient, aux_k=cfg.aux_k,
               aux_k_coefficient=cfg.aux_k_coefficient, dead_tokens_threshold=cfg.dead_after_tokens)
     if cfg.activation in ("topk", "batchtopk"):
         kw["k"] = cfg.k
-    tcs = torch.nn.ModuleList()
-    for i in range(n):
-        tc = Transcoder(d_in, cfg.n_features, d_out, device=device, init=False, **kw)
-        # each layer its own draw: the encoder from its seeded generator, the decoder from torch's global
-        # RNG, seeded here so that two runs with one seed start from the same weights
-        torch.manual_seed(cfg.seed * 1000 + i)
-        tc.reset_parameters(seed=cfg.seed * 1000 + i)
-        tcs.append(tc)
-    return tcs
+    return kw
+
+
+def l1_at(cfg: TranscoderRunConfig, step: int) -> float:
+    """The sparsity weight of optimizer step ``step`` (from 0): ramped linearly over ``l1_warmup_ratio``."""
+    ramp = cfg.l1_warmup_ratio * cfg.max_steps
+    return cfg.l1_coefficient * (min(1.0, step / ramp) if ramp > 0 else 1.0)
 
 
 def schedule(cfg: TranscoderRunConfig):
@@ -271,10 +311,27 @@ def schedule(cfg: TranscoderRunConfig):
     return lambda step: step / max(1, warmup) if step < warmup else 1.0
 
 
+def make_optimizers(cfg: TranscoderRunConfig, dictionary: torch.nn.Module, device) -> list:
+    """AdamW over every parameter; or Muon over the 2-D weight matrices and AdamW over the rest."""
+    adam_kw = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if device.type == "cuda":
+        adam_kw["fused"] = True
+    params = [p for p in dictionary.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return [torch.optim.AdamW(params, lr=cfg.learning_rate, **adam_kw)]
+    matrices = [p for p in params if p.dim() == 2]
+    rest = [p for p in params if p.dim() != 2]
+    opts = [torch.optim.Muon(matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             momentum=cfg.muon_momentum)]
+    if rest:
+        opts.append(torch.optim.AdamW(rest, lr=cfg.adamw_learning_rate or cfg.learning_rate, **adam_kw))
+    return opts
+
+
 def setup(cfg: TranscoderRunConfig, pg: Dist) -> Trainer:
     preflight(cfg)
     resume_path = ckpt.resolve_resume(cfg.resume_from, cfg.output_dir)
-    earlier_run = check_output_dir(cfg, resume_path)
+    earlier_run = check_output_dir(cfg, resume_path) if pg.main else []
     if earlier_run and os.path.lexists(os.path.join(cfg.output_dir, "transcoders")):
         earlier_run.append("transcoders")  # the adapter loop's list does not know this loop's output
     from transformers import AutoConfig
@@ -289,49 +346,75 @@ def setup(cfg: TranscoderRunConfig, pg: Dist) -> Trainer:
     model = _load_model("model", cfg.model, cfg, pg.device)
     for p in model.parameters():
         p.requires_grad_(False)
+    # each process runs its own forwards (rank, rank + world, ...) and shuffles its own buffer
     stream = ActivationStream(model, train_ids, layers, forward_batch_size=cfg.forward_batch_size, seed=cfg.seed,
-                              cache_dir=cfg.cache_dir, data_path=cfg.train_data)
-    buffer = ActivationBuffer(stream, cfg.buffer_tokens, cfg.batch_tokens, seed=cfg.seed)
-    transcoders = make_transcoders(cfg, stream.d_in, stream.d_out, len(layers), pg.device)
-    opt_kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                  weight_decay=cfg.weight_decay)
-    if pg.device.type == "cuda":
-        opt_kw["fused"] = True
-    optimizer = torch.optim.AdamW(transcoders.parameters(), **opt_kw)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg))
-    tr = Trainer(cfg=cfg, pg=pg, model=model, layers=layers, buffer=buffer, val_ids=val_ids,
-                 transcoders=transcoders, optimizer=optimizer, scheduler=scheduler)
+                              rank=pg.rank, world_size=pg.world, cache_dir=cfg.cache_dir, data_path=cfg.train_data)
+    buffer = ActivationBuffer(stream, cfg.buffer_tokens, cfg.batch_tokens, seed=cfg.seed + 7919 * pg.rank)
+    try:
+        dictionary = build_dictionary(cfg.architecture, layers, stream.d_in, stream.d_out, cfg.n_features,
+                                      transcoder_kwargs(cfg), bilinear_kind=cfg.bilinear_kind,
+                                      reconstruction_loss=cfg.reconstruction_loss, seed=cfg.seed, device=pg.device)
+    except ValueError as e:
+        raise ConfigError(f"the dictionary cannot be built from this configuration: {e}") from None
+    objective = dictionary
+    if pg.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # the dead-feature counters and BatchTopK thresholds are combined after each step (sync_state);
+        # DDP's per-forward broadcast would overwrite them with rank 0's instead
+        import inspect
+
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})  # the name before torch 2.13
+        objective = DistributedDataParallel(dictionary, device_ids=[pg.device] if pg.device.type == "cuda" else None,
+                                            **no_buffer_sync)
+    optimizers = make_optimizers(cfg, dictionary, pg.device)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule(cfg)) for o in optimizers]
+    tr = Trainer(cfg=cfg, pg=pg, model=model, layers=layers, buffer=buffer, val_ids=val_ids, dictionary=dictionary,
+                 objective=objective, optimizers=optimizers, schedulers=schedulers)
     if resume_path is not None:
         resume(tr, resume_path)
     else:
         estimate_standardization(tr)
-    clear_earlier_run(cfg, earlier_run)
-    tr.reporter = Reporter(cfg, True, tr.step if resume_path is not None else None)
-    print(f"transcoders: layers {layers} x {cfg.n_features} features ({cfg.activation}"
-          + (f", k={cfg.k}" if cfg.activation in ('topk', 'batchtopk') else "") + f"), {len(train_ids)} training / "
-          f"{len(val_ids)} validation rows of {cfg.context_length} tokens, {cfg.max_steps} steps of "
-          f"{cfg.batch_tokens} tokens, device {pg.device}"
-          + (f", resumed from {resume_path} at step {tr.step}" if resume_path else ""), flush=True)
+    if pg.main:
+        clear_earlier_run(cfg, earlier_run)
+    pg.barrier()
+    tr.reporter = Reporter(cfg, pg.main, tr.step if resume_path is not None else None)
+    if pg.main:
+        what = {"per_layer": "per-layer transcoders", "crosslayer": "a cross-layer transcoder",
+                "bilinear": f"bilinear {cfg.bilinear_kind}s"}[cfg.architecture]
+        act = "" if cfg.architecture == "bilinear" else (
+            f", {cfg.activation}" + (f" k={cfg.k}" if cfg.activation in ('topk', 'batchtopk') else ""))
+        print(f"transcoders: {what} on layers {layers} x {cfg.n_features} features{act}; {len(train_ids)} training / "
+              f"{len(val_ids)} validation rows of {cfg.context_length} tokens, {cfg.max_steps} steps of "
+              f"{cfg.batch_tokens} tokens x {pg.world} process(es), {cfg.optimizer}, device {pg.device}"
+              + (f", resumed from {resume_path} at step {tr.step}" if resume_path else ""), flush=True)
     return tr
 
 
 def estimate_standardization(tr: Trainer) -> None:
     """Each layer's input and output mean/std from the first ``standardize_batches`` batches (read for
-    that only, so every training step sees standardised data from the start)."""
+    that only, so every training step sees standardised data from the start). With several processes
+    every one reads its batches (its buffer moves on alike) and all use rank 0's estimate."""
     cfg = tr.cfg
     n = len(tr.layers)
     if cfg.standardize == "none":
         tr.std_in, tr.std_out = [None] * n, [None] * n
         return
-    est_in = [Standardizer(tr.transcoders[0].d_in, scale=cfg.standardize) for _ in range(n)]
-    est_out = [Standardizer(tr.transcoders[0].d_out, scale=cfg.standardize) for _ in range(n)]
+    d_in, d_out = tr.buffer.source.d_in, tr.buffer.source.d_out
+    # a BilinearTranscoder's hidden layer (sum_i x_i) * W_right x takes no shift and one scale only
+    center_in = not (cfg.architecture == "bilinear" and cfg.bilinear_kind == "transcoder")
+    est_in = [Standardizer(d_in, scale=cfg.standardize, center=center_in) for _ in range(n)]
+    est_out = [Standardizer(d_out, scale=cfg.standardize) for _ in range(n)]
     for _ in range(cfg.standardize_batches):
         b = tr.buffer.next_batch()
         for j in range(n):
             est_in[j].update(b.inputs[:, j])
             est_out[j].update(b.outputs[:, j])
-    tr.std_in = [e.compute() for e in est_in]
-    tr.std_out = [e.compute() for e in est_out]
+    stats = _stats([e.compute() for e in est_in]), _stats([e.compute() for e in est_out])
+    stats = tr.pg.gather_objects(stats)[0]
+    tr.std_in, tr.std_out = _unstats(stats[0]), _unstats(stats[1])
 
 
 def _std(s: Optional[Standardization], x: torch.Tensor) -> torch.Tensor:
@@ -354,32 +437,46 @@ def _unstats(stats: list):
 
 
 def write_checkpoint(tr: Trainer) -> None:
-    weights = {f"layer_{i}.{k}": v for i, tc in zip(tr.layers, tr.transcoders) for k, v in tc.state_dict().items()}
-    state = {"optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(), "step": tr.step,
-             "tokens": tr.tokens_seen, "buffer": tr.buffer.state_dict(), "rng": [ckpt.rng_state()],
-             "std_in": _stats(tr.std_in), "std_out": _stats(tr.std_out)}
-    tr.last_good = ckpt.save_checkpoint(tr.cfg.output_dir, tr.step, weights, state, tr.cfg.to_dict(),
-                                        tr.cfg.keep_checkpoints)
+    """Every process's buffer position and RNG states, and the (equal on every process) weights,
+    optimizer and scheduler states, written by rank 0."""
+    per_rank = tr.pg.gather_objects({"buffer": tr.buffer.state_dict(), "rng": ckpt.rng_state()})
+    if tr.pg.main:
+        state = {"optimizer": [o.state_dict() for o in tr.optimizers],
+                 "scheduler": [s.state_dict() for s in tr.schedulers], "step": tr.step, "tokens": tr.tokens_seen,
+                 "world_size": tr.pg.world, "buffer": [r["buffer"] for r in per_rank],
+                 "rng": [r["rng"] for r in per_rank], "std_in": _stats(tr.std_in), "std_out": _stats(tr.std_out)}
+        tr.last_good = ckpt.save_checkpoint(tr.cfg.output_dir, tr.step, tr.dictionary.weights(), state,
+                                            tr.cfg.to_dict(), tr.cfg.keep_checkpoints)
+    tr.last_good = tr.pg.gather_objects(tr.last_good)[0]
 
 
 def resume(tr: Trainer, path: str) -> None:
     def load_weights(weights: dict):
-        for i, tc in zip(tr.layers, tr.transcoders):
-            own = {k[len(f"layer_{i}."):]: v for k, v in weights.items() if k.startswith(f"layer_{i}.")}
-            try:
-                tc.load_state_dict(own)
-            except RuntimeError as e:
-                raise ckpt.CheckpointError(f"layer {i}: the checkpoint's transcoder does not fit this "
-                                           f"configuration (different layers or n_features?): {e}") from None
+        try:
+            tr.dictionary.load_weights(weights)
+        except RuntimeError as e:
+            raise ckpt.CheckpointError(f"the checkpoint's dictionary does not fit this configuration (different "
+                                       f"architecture, layers or n_features?): {e}") from None
 
     state = ckpt.load_checkpoint(path, load_weights)
     try:
-        tr.optimizer.load_state_dict(state["optimizer"])
-        tr.scheduler.load_state_dict(state["scheduler"])
-        tr.buffer.load_state_dict(state["buffer"])
+        world = state.get("world_size", 1)
+        if world != tr.pg.world:
+            raise ckpt.CheckpointError(f"{path}: written by {world} process(es); resume it with as many "
+                                       f"(this run has {tr.pg.world}), since each one's buffer position is kept")
+        optimizers = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
+        schedulers = state["scheduler"] if isinstance(state["scheduler"], list) else [state["scheduler"]]
+        if len(optimizers) != len(tr.optimizers):
+            raise ckpt.CheckpointError(f"{path}: written with another optimizer ({len(optimizers)} optimizer "
+                                       f"state(s), this configuration has {len(tr.optimizers)})")
+        for o, s in zip(tr.optimizers, optimizers):
+            o.load_state_dict(s)
+        for sch, s in zip(tr.schedulers, schedulers):
+            sch.load_state_dict(s)
+        tr.buffer.load_state_dict(state["buffer"][tr.pg.rank])
         tr.step, tr.tokens_seen = state["step"], state["tokens"]
         tr.std_in, tr.std_out = _unstats(state["std_in"]), _unstats(state["std_out"])
-        ckpt.set_rng_state(state["rng"][0])
+        ckpt.set_rng_state(state["rng"][tr.pg.rank])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.TRAINER)}: not a transcoder training state "
                                    f"this run can continue ({type(e).__name__}: {e})") from None
@@ -389,38 +486,51 @@ def resume(tr: Trainer, path: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # one optimizer step
 # --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sync_state(tr: Trainer, batch_tokens: int) -> None:
+    """Make the state each training forward updates equal on every process: a feature has fired in
+    this step if it fired on any process (each process counted only its own ``batch_tokens``), and the
+    BatchTopK thresholds are averaged."""
+    if not tr.pg.enabled:
+        return
+    for c in tr.dictionary.counters():
+        dist.all_reduce(c, op=dist.ReduceOp.MIN)
+        c[c > 0] += (tr.pg.world - 1) * batch_tokens
+    for t in tr.dictionary.thresholds():
+        t.copy_(tr.pg.all_mean(t))
+
+
 def train_step(tr: Trainer) -> dict:
-    """One batch through every layer's transcoder, the summed objective, clipping, AdamW, schedule."""
+    """One batch per process through the dictionary, its objective, backward (gradients averaged over
+    processes), clipping, the optimizers and schedules."""
     cfg = tr.cfg
-    tr.transcoders.train()
+    tr.dictionary.train()
+    tr.dictionary.set_l1_coefficient(l1_at(cfg, tr.step))
     b = tr.buffer.next_batch()
     dev = tr.pg.device
-    total = 0.0
-    per_layer = []
-    for j, tc in enumerate(tr.transcoders):
-        x = _std(tr.std_in[j], b.inputs[:, j].to(dev))
-        y = _std(tr.std_out[j], b.outputs[:, j].to(dev))
-        out = tc.forward_with_aux(x, y)  # also counts each feature's tokens since it fired
-        total = total + out.losses["loss"]
-        rec = {"fvu": float(out.metrics["fvu"]), "l0": float(out.metrics["l0"]),
-               "dead": int(out.metrics["dead_features"])}
-        rec.update({k: float(out.losses[k].detach()) for k in ("auxk", "sparsity") if k in out.losses})
-        per_layer.append(rec)
+    x = torch.stack([_std(tr.std_in[j], b.inputs[:, j].to(dev)) for j in range(len(tr.layers))], dim=1)
+    y = torch.stack([_std(tr.std_out[j], b.outputs[:, j].to(dev)) for j in range(len(tr.layers))], dim=1)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+        total, per_layer = tr.objective(x, y)
     total.backward()
+    sync_state(tr, b.n)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(tr.transcoders.parameters(), max_norm))
-    loss = float(total.detach())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(tr.dictionary.parameters(), max_norm))
+    loss = float(tr.pg.all_mean(total.detach().float()))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         where = f"the last good checkpoint is {tr.last_good}" if tr.last_good else "no checkpoint was written yet"
         raise TrainingDiverged(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step "
                                f"{tr.step + 1} (loss {loss}, grad norm {grad_norm}); stopping without an optimizer "
                                f"step. {where}")
-    lr = tr.scheduler.get_last_lr()[0]
-    tr.optimizer.step()
-    tr.scheduler.step()
-    tr.optimizer.zero_grad(set_to_none=True)
+    lr = tr.schedulers[0].get_last_lr()[0]
+    for o in tr.optimizers:
+        o.step()
+    for s in tr.schedulers:
+        s.step()
+    for o in tr.optimizers:
+        o.zero_grad(set_to_none=True)
     tr.step += 1
-    tr.tokens_seen += b.n
+    tr.tokens_seen += b.n * tr.pg.world
     return {"step": tr.step, "split": "train", "lr": lr, "loss": loss, "grad_norm": grad_norm,
             "fvu": sum(r["fvu"] for r in per_layer) / len(per_layer), "layers": per_layer,
             "tokens": tr.tokens_seen, "elapsed_s": round(time.time() - tr.t0, 3)}
@@ -430,6 +540,8 @@ def log_step(tr: Trainer, rec: dict, bar) -> None:
     cfg = tr.cfg
     if rec["step"] % cfg.log_every == 0 or rec["step"] == cfg.max_steps:
         tr.reporter.log(rec)
+    if not tr.pg.main:
+        return
     if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", fvu=f"{rec['fvu']:.3f}", refresh=False)
@@ -441,34 +553,45 @@ def log_step(tr: Trainer, rec: dict, bar) -> None:
 # --------------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------------
-def _decoder_layers(model):
-    from tckernels.models import find_decoder_layers
+class _MLPHooks:
+    """Hooks on every chosen layer's MLP for one model forward: each MLP's input and output are
+    recorded (raw), and the MLPs of ``replace`` (layer positions) return the dictionary's estimate
+    instead of their own output. A cross-layer transcoder's estimate at a layer reads the inputs of the
+    earlier chosen layers in the same forward (the replaced model's, when they are replaced too)."""
 
-    return find_decoder_layers(model)
+    def __init__(self, tr: Trainer, replace=()):
+        from tckernels.models import find_decoder_layers
 
+        self.tr, self.replace = tr, set(replace)
+        self.decoder = find_decoder_layers(tr.model)
+        self.ins, self.outs, self.xs, self.memo = {}, {}, {}, {}
 
-@torch.no_grad()
-def replacement_outputs(tr: Trainer, j: int, x: torch.Tensor) -> torch.Tensor:
-    """Layer j's transcoder on raw MLP inputs ``x`` -> its raw MLP-output estimate."""
-    tc = tr.transcoders[j]
-    y = tc(_std(tr.std_in[j], x).to(tc.W_enc.dtype))
-    return _unstd(tr.std_out[j], y).to(x.dtype)
+    def __enter__(self):
+        tr = self.tr
+        self.handles = []
+        for j, i in enumerate(tr.layers):
+            mlp = self.decoder[i].mlp
 
+            def pre(module, args, kwargs, j=j):
+                x = _first_tensor(args, kwargs)
+                self.ins[j] = x
+                self.xs[j] = _std(tr.std_in[j], x.float())
 
-@torch.no_grad()
-def replaced_logits(tr: Trainer, ids: torch.Tensor, replace: list) -> torch.Tensor:
-    """The model's logits with the MLPs of layer positions ``replace`` (indices into tr.layers) replaced
-    by their transcoders: a forward hook on each MLP returns the transcoder's output on the MLP's input."""
-    decoder = _decoder_layers(tr.model)
-    handles = []
-    for j in replace:
-        def hook(module, args, output, j=j):
-            return replacement_outputs(tr, j, args[0])
-        handles.append(decoder[tr.layers[j]].mlp.register_forward_hook(hook))
-    try:
-        return tr.model(input_ids=ids).logits.float()
-    finally:
-        for h in handles:
+            def post(module, args, output, j=j):
+                first = output[0] if isinstance(output, (tuple, list)) else output
+                if j in self.replace:
+                    y = _unstd(tr.std_out[j], tr.dictionary.replacement(j, self.xs, self.memo)).to(first.dtype)
+                    self.outs[j] = first
+                    return (y, *output[1:]) if isinstance(output, (tuple, list)) else y
+                self.outs[j] = first
+                return None
+
+            self.handles.append(mlp.register_forward_pre_hook(pre, with_kwargs=True))
+            self.handles.append(mlp.register_forward_hook(post))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
             h.remove()
 
 
@@ -481,45 +604,57 @@ def _kl_top1(orig: torch.Tensor, new: torch.Tensor) -> tuple:
 
 @torch.no_grad()
 def validate(tr: Trainer) -> dict:
-    """Per layer FVU, L0 (on the raw held-out activations) and dead fraction (training tokens), and the
-    replacement model's KL and top-1 agreement: all layers replaced, and each alone."""
-    tr.transcoders.eval()
+    """Per layer FVU and L0 on the raw held-out activations, the dead fraction (training tokens), and
+    the replacement model's KL(original || replaced) and top-1 agreement: every chosen layer replaced,
+    and each alone. Batch by batch (``val_batch_size`` rows): nothing of the held-out set's size is
+    kept but per-layer sums."""
+    tr.dictionary.eval()
     n = len(tr.layers)
     dev = tr.pg.device
-    sq_err, sq_var, l0_sum, n_tok = [0.0] * n, [0.0] * n, [0.0] * n, 0
-    kl_all, top1_all = 0.0, 0
-    kl_one, top1_one = [0.0] * n, [0] * n
-    # FVU needs the held-out outputs' variance about their own mean: gather them first (small)
-    ins, outs = capture_activations(tr.model, tr.val_ids.to(dev), tr.layers, stop_early=True)
-    for j in range(n):
-        x, y = ins[:, j], outs[:, j].double()
-        y_hat = replacement_outputs(tr, j, x).double()
-        sq_err[j] = float((y_hat - y).pow(2).sum())
-        sq_var[j] = float((y - y.mean(0)).pow(2).sum())
-        acts = tr.transcoders[j].encode(_std(tr.std_in[j], x))
-        l0_sum[j] = float(M.l0(acts.values)) * x.shape[0]
-    n_tok = ins.shape[0]
+    err = [0.0] * n
+    s1, s2, l0_sum = [0.0] * n, [0.0] * n, [0.0] * n  # Σy, Σy² per dimension (float64), Σ L0
+    kl_all, top1_all, kl_one, top1_one = 0.0, 0, [0.0] * n, [0] * n
+    n_tok = 0
     for s in range(0, len(tr.val_ids), tr.cfg.val_batch_size):
         ids = tr.val_ids[s:s + tr.cfg.val_batch_size].to(dev)
-        orig = tr.model(input_ids=ids).logits.float()
-        kl, agree = _kl_top1(orig, replaced_logits(tr, ids, list(range(n))))
+        with _MLPHooks(tr) as h:
+            orig = tr.model(input_ids=ids, use_cache=False).logits.float()
+        for j in range(n):
+            x, y = h.ins[j].reshape(-1, h.ins[j].shape[-1]), h.outs[j].reshape(-1, h.outs[j].shape[-1]).double()
+            y_hat = _unstd(tr.std_out[j], tr.dictionary.replacement(j, h.xs, h.memo)).double()
+            err[j] += float((y_hat.reshape(y.shape) - y).pow(2).sum())
+            s1[j] = s1[j] + y.sum(0)
+            s2[j] = s2[j] + y.pow(2).sum(0)
+            codes = tr.dictionary.codes(j, h.xs[j].reshape(-1, h.xs[j].shape[-1]))
+            if codes is not None:
+                l0_sum[j] += float(M.l0(codes.values)) * x.shape[0]
+        n_tok += ids.numel()
+        with _MLPHooks(tr, range(n)):
+            kl, agree = _kl_top1(orig, tr.model(input_ids=ids, use_cache=False).logits.float())
         kl_all, top1_all = kl_all + kl, top1_all + agree
         for j in range(n):
-            kl, agree = _kl_top1(orig, replaced_logits(tr, ids, [j]))
+            with _MLPHooks(tr, [j]):
+                kl, agree = _kl_top1(orig, tr.model(input_ids=ids, use_cache=False).logits.float())
             kl_one[j] += kl
             top1_one[j] += agree
-    positions = tr.val_ids.numel()
-    dead = [float(tc.dead_mask().float().mean()) for tc in tr.transcoders]
-    return {"layers": tr.layers, "n_tokens": n_tok,
-            "fvu": [e / max(v, 1e-30) for e, v in zip(sq_err, sq_var)],
-            "l0": [x / n_tok for x in l0_sum], "dead_fraction": dead,
-            "kl_all": kl_all / positions, "top1_all": top1_all / positions,
-            "kl_each": [x / positions for x in kl_one], "top1_each": [x / positions for x in top1_one]}
+    var = [float((b - a * a / n_tok).sum()) for a, b in zip(s1, s2)]  # Σ over dims of Σ(y - ȳ)²
+    dead = tr.dictionary.dead_fractions()
+    out = {"layers": tr.layers, "n_tokens": n_tok, "fvu": [e / max(v, 1e-30) for e, v in zip(err, var)],
+           "kl_all": kl_all / n_tok, "top1_all": top1_all / n_tok,
+           "kl_each": [x / n_tok for x in kl_one], "top1_each": [x / n_tok for x in top1_one]}
+    if tr.cfg.architecture != "bilinear":
+        out["l0"] = [x / n_tok for x in l0_sum]
+        out["dead_fraction"] = dead
+    return out
 
 
-def validate_and_log(tr: Trainer, when: str) -> dict:
-    v = validate(tr)
-    tr.reporter.log({"step": tr.step, "split": "val", "when": when, **v})
+def validate_and_log(tr: Trainer, when: str) -> Optional[dict]:
+    """Validation on rank 0 (the others wait): its figures, or None on the other processes."""
+    v = None
+    if tr.pg.main:
+        v = validate(tr)
+        tr.reporter.log({"step": tr.step, "split": "val", "when": when, **v})
+    tr.pg.barrier()
     return v
 
 
@@ -537,14 +672,15 @@ def run(cfg: TranscoderRunConfig) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     pg = Dist(cfg)
-    if pg.world > 1:
-        raise SetupError("training.transcoders runs on one process for now (no torchrun)")
-    return _run(cfg, pg, t_start)
+    try:
+        return _run(cfg, pg, t_start)
+    finally:
+        pg.close()
 
 
 def _run(cfg: TranscoderRunConfig, pg: Dist, t_start: float) -> dict:
     tr = setup(cfg, pg)
-    bar = progress_bar(cfg.max_steps, tr.step, cfg.progress_bar)
+    bar = progress_bar(cfg.max_steps, tr.step, cfg.progress_bar) if pg.main else None
     tr.t0 = time.time()
     halted = False
     try:
@@ -553,8 +689,9 @@ def _run(cfg: TranscoderRunConfig, pg: Dist, t_start: float) -> dict:
             log_step(tr, rec, bar)
             if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < cfg.max_steps:
                 v = validate_and_log(tr, "periodic")
-                say(bar, f"step {tr.step}: FVU " + ", ".join(f"{x:.3f}" for x in v["fvu"])
-                    + f"; KL (all replaced) {v['kl_all']:.4f}")
+                if v is not None:
+                    say(bar, f"step {tr.step}: FVU " + ", ".join(f"{x:.3f}" for x in v["fvu"])
+                        + f"; KL (all replaced) {v['kl_all']:.4f}")
             halted = cfg.halt_at_step is not None and cfg.halt_at_step <= tr.step < cfg.max_steps
             if (cfg.save_every and tr.step % cfg.save_every == 0) or tr.step == cfg.max_steps or halted:
                 write_checkpoint(tr)
@@ -567,46 +704,53 @@ def _run(cfg: TranscoderRunConfig, pg: Dist, t_start: float) -> dict:
 
 
 def save_transcoders(tr: Trainer) -> dict:
-    """Each layer's transcoder with its standardisation folded into the weights (a copy; the trained
-    module is left as it is), saved to output_dir/transcoders/layer_<i>."""
-    import copy
-
+    """The dictionary with its standardisation folded into the weights (copies; the trained modules
+    are left as they are), saved with ``save_transcoder`` to output_dir/transcoders/<name>: one
+    directory per layer (``layer_<i>``), or ``crosslayer`` for a cross-layer transcoder."""
     paths = {}
-    for j, (i, tc) in enumerate(zip(tr.layers, tr.transcoders)):
-        folded = fold_standardization_(copy.deepcopy(tc).cpu(), tr.std_in[j], tr.std_out[j])
-        path = os.path.join(tr.cfg.output_dir, "transcoders", f"layer_{i}")
-        save_transcoder(folded, path)
-        paths[i] = path
+    for name, module in tr.dictionary.exported(tr.std_in, tr.std_out).items():
+        path = os.path.join(tr.cfg.output_dir, "transcoders", name)
+        save_transcoder(module, path)
+        paths[name] = path
     return paths
 
 
 def report(v: dict) -> str:
     lines = ["", "== transcoders: result =="]
     for j, i in enumerate(v["layers"]):
-        lines.append(f"layer {i}: FVU {v['fvu'][j]:.4f}, L0 {v['l0'][j]:.1f}, dead {100 * v['dead_fraction'][j]:.1f}%, "
-                     f"replaced alone: KL {v['kl_each'][j]:.4f}, top-1 {100 * v['top1_each'][j]:.1f}%")
-    lines.append(f"replacement model (every layer's MLP replaced), {v['n_tokens']} held-out tokens: "
+        sparse = (f", L0 {v['l0'][j]:.1f}, dead {100 * v['dead_fraction'][j]:.1f}%" if "l0" in v else "")
+        lines.append(f"layer {i}: FVU {v['fvu'][j]:.4f}{sparse}, replaced alone: KL {v['kl_each'][j]:.4f}, "
+                     f"top-1 {100 * v['top1_each'][j]:.1f}%")
+    lines.append(f"replacement model (every chosen layer's MLP replaced), {v['n_tokens']} held-out tokens: "
                  f"KL(original || replaced) {v['kl_all']:.4f}, top-1 agreement {100 * v['top1_all']:.1f}%")
     return "\n".join(lines)
 
 
 def finish(tr: Trainer, halted: bool, t_start: float) -> dict:
     cfg = tr.cfg
+    stream = tr.buffer.source
     summary = {"steps": tr.step, "total_steps": cfg.max_steps, "train_seconds": round(time.time() - tr.t0, 1),
-               "tokens": tr.tokens_seen, "dead_after_tokens": cfg.dead_after_tokens, "checkpoint": tr.last_good}
+               "tokens": tr.tokens_seen, "processes": tr.pg.world, "dead_after_tokens": cfg.dead_after_tokens,
+               "checkpoint": tr.last_good}
+    if getattr(stream, "seconds", None) is not None:
+        summary["activation_seconds"] = round(stream.seconds, 1)  # this process's model forwards
     if halted:
-        print(f"halted after step {tr.step} of {cfg.max_steps} (halt_at_step); checkpoint {tr.last_good}", flush=True)
+        if tr.pg.main:
+            print(f"halted after step {tr.step} of {cfg.max_steps} (halt_at_step); checkpoint {tr.last_good}",
+                  flush=True)
         summary["halted"] = True
         tr.reporter.close()
         return summary
     summary["final"] = validate_and_log(tr, "end")
-    summary["transcoders"] = save_transcoders(tr)
-    summary["total_seconds"] = round(time.time() - t_start, 1)
-    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(report(summary["final"]), flush=True)
-    print(f"(transcoders: {os.path.join(cfg.output_dir, 'transcoders')}; metrics: {tr.reporter.path}; "
-          f"{summary['total_seconds']:.0f} s in all)", flush=True)
+    if tr.pg.main:
+        summary["transcoders"] = save_transcoders(tr)
+        summary["total_seconds"] = round(time.time() - t_start, 1)
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(report(summary["final"]), flush=True)
+        print(f"(transcoders: {os.path.join(cfg.output_dir, 'transcoders')}; metrics: {tr.reporter.path}; "
+              f"{summary['total_seconds']:.0f} s in all)", flush=True)
+    tr.pg.barrier()
     tr.reporter.close()
     return summary
 

@@ -57,8 +57,9 @@ def test_micro_run_end_to_end(micro, tmp_path, monkeypatch):
         loaded = load_transcoder(out / "transcoders" / f"layer_{i}")
         loaded.eval()
         with torch.no_grad():
-            want = T.replacement_outputs(tr, j, ins[:, j])  # trained module on standardised activations
-            got = loaded(ins[:, j])  # the saved one on raw activations
+            # the trained module on standardised activations, the saved one on raw activations
+            want = tr.std_out[j].inverse(tr.dictionary.transcoders[j](tr.std_in[j].transform(ins[:, j])))
+            got = loaded(ins[:, j])
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
