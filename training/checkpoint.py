@@ -2,9 +2,10 @@
 
 A checkpoint is a directory ``<output_dir>/checkpoints/step_<N>/`` with
 
-* ``adapters.safetensors``: the trained weights: the adapter parameters under the model's state-dict
+* ``weights.safetensors``: the trained weights: the adapter parameters under the model's state-dict
   names (the adapter loop), or whatever ``{name: tensor}`` the loop passes (the transcoder loop's
-  transcoders, ``layer_<i>.<name>``);
+  dictionary, ``layer_<i>.<name>`` or ``crosslayer.<name>``). Checkpoints written before this name
+  call it ``adapters.safetensors``; they are read as before;
 * ``trainer.pt``: optimizer, scheduler, step, data position, every process's RNG states and the
   adapters' dead-feature counters (``training.train.trainer_state``);
 * ``config.json``: the run's configuration (for people; resuming uses the current configuration).
@@ -30,7 +31,8 @@ try:
 except ImportError:  # pragma: no cover
     np = None
 
-ADAPTERS = "adapters.safetensors"
+WEIGHTS = "weights.safetensors"
+LEGACY_WEIGHTS = "adapters.safetensors"  # the name in checkpoints written before WEIGHTS
 TRAINER = "trainer.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -160,7 +162,7 @@ def save_checkpoint(output_dir: str, step: int, model, trainer_state: dict, conf
     os.makedirs(tmp)
     weights = ({n: t.detach().to("cpu").contiguous() for n, t in model.items()} if isinstance(model, dict)
                else adapter_state(model))
-    save_file(weights, os.path.join(tmp, ADAPTERS), metadata={"step": str(step)})
+    save_file(weights, os.path.join(tmp, WEIGHTS), metadata={"step": str(step)})
     torch.save(trainer_state, os.path.join(tmp, TRAINER))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=1, default=str)
@@ -183,6 +185,13 @@ def save_checkpoint(output_dir: str, step: int, model, trainer_state: dict, conf
     return final
 
 
+def weights_file(path: str) -> str:
+    """The weights file of checkpoint directory ``path`` (its older name where that is what it holds)."""
+    new = os.path.join(path, WEIGHTS)
+    old = os.path.join(path, LEGACY_WEIGHTS)
+    return old if not os.path.exists(new) and os.path.exists(old) else new
+
+
 def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]:
     """The checkpoint directory that ``resume_from`` names (``"latest"``: the newest in output_dir)."""
     if resume_from is None:
@@ -200,9 +209,9 @@ def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]
                                             if os.path.basename(path) == "checkpoints" else None)
         if inner is not None:
             return inner
-    if not os.path.isfile(os.path.join(path, TRAINER)) or not os.path.isfile(os.path.join(path, ADAPTERS)):
+    if not os.path.isfile(os.path.join(path, TRAINER)) or not os.path.isfile(weights_file(path)):
         raise CheckpointError(f"--resume_from {path!r}: not a checkpoint directory "
-                              f"(expected {ADAPTERS} and {TRAINER} in it)")
+                              f"(expected {WEIGHTS} and {TRAINER} in it)")
     return path
 
 
@@ -213,11 +222,11 @@ def load_checkpoint(path: str, model) -> dict:
     CheckpointError when they do not fit)."""
     from safetensors.torch import load_file
 
-    adapters, trainer = os.path.join(path, ADAPTERS), os.path.join(path, TRAINER)
+    adapters, trainer = weights_file(path), os.path.join(path, TRAINER)
     try:
         weights = load_file(adapters)
     except Exception as e:
-        raise CheckpointError(f"{adapters}: cannot read the adapters ({type(e).__name__}: {e})"
+        raise CheckpointError(f"{adapters}: cannot read the weights ({type(e).__name__}: {e})"
                               f"{_other_checkpoints(path)}") from None
     try:
         if isinstance(model, torch.nn.Module):

@@ -36,8 +36,8 @@ def test_two_processes_match_one(micro, tmp_path):
     # and the adapters they end with agree
     from safetensors.torch import load_file
 
-    wa = load_file(os.path.join(ckpt.latest_checkpoint(str(ddp_out)), ckpt.ADAPTERS))
-    wb = load_file(os.path.join(ckpt.latest_checkpoint(str(one_out)), ckpt.ADAPTERS))
+    wa = load_file(os.path.join(ckpt.latest_checkpoint(str(ddp_out)), ckpt.WEIGHTS))
+    wb = load_file(os.path.join(ckpt.latest_checkpoint(str(one_out)), ckpt.WEIGHTS))
     import torch
 
     for k in wa:

@@ -51,7 +51,7 @@ def test_run_logs_checkpoints_and_saves_the_model(micro, tmp_path, capsys):
     state = ckpt.adapter_state(m)
     from safetensors.torch import load_file
 
-    saved = load_file(os.path.join(cks[-1], ckpt.ADAPTERS))
+    saved = load_file(os.path.join(cks[-1], ckpt.WEIGHTS))
     assert set(state) == set(saved)
     for k in state:
         torch.testing.assert_close(state[k], saved[k])
@@ -73,6 +73,17 @@ def test_resume_logs_the_same_losses(micro, tmp_path):
     assert silent[0].shape == (2, 32) and torch.equal(silent[0], silent[1])
     dead = [read_metrics(d, "val")[-1]["dead_layers"] for d in (full, part)]
     assert dead[0] == dead[1] == (silent[0] >= 100).sum(-1).tolist()  # micro_args: dead_after_tokens 100
+
+
+def test_a_checkpoint_with_the_older_weights_file_name_resumes(micro, tmp_path):
+    args = dict(max_steps=3, save_every=1)
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(micro_args(micro, full, **args)) == 0
+    assert main(micro_args(micro, part, halt_at_step=2, **args)) == 0
+    latest = ckpt.latest_checkpoint(str(part))
+    os.rename(os.path.join(latest, ckpt.WEIGHTS), os.path.join(latest, ckpt.LEGACY_WEIGHTS))
+    assert main(micro_args(micro, part, resume_from="latest", **args)) == 0
+    assert _strip(read_metrics(part)) == _strip(read_metrics(full))
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(micro, tmp_path, monkeypatch, capsys):
@@ -174,7 +185,7 @@ def test_bfloat16_model_keeps_float32_adapters(micro, tmp_path):
     assert main(micro_args(micro, out, dtype="bfloat16", max_steps=2)) == 0
     from safetensors.torch import load_file
 
-    w = load_file(os.path.join(ckpt.latest_checkpoint(str(out)), ckpt.ADAPTERS))
+    w = load_file(os.path.join(ckpt.latest_checkpoint(str(out)), ckpt.WEIGHTS))
     assert w and all(t.dtype == torch.float32 for t in w.values())
     state = torch.load(os.path.join(ckpt.latest_checkpoint(str(out)), ckpt.TRAINER), weights_only=False)
     moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
@@ -259,7 +270,7 @@ def test_a_second_default_run_is_refused(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("damage, needle", [
     ("garbage_trainer", "trainer.pt: cannot read the training state (UnpicklingError"),
     ("wrong_trainer", "trainer.pt: not a training state this run can continue (no 'optimizer' entry)"),
-    ("garbage_adapters", "adapters.safetensors: cannot read the adapters"),
+    ("garbage_adapters", "weights.safetensors: cannot read the weights"),
 ])
 def test_a_damaged_checkpoint_names_the_file(micro, tmp_path, capsys, damage, needle):
     out = tmp_path / "run"
@@ -271,7 +282,7 @@ def test_a_damaged_checkpoint_names_the_file(micro, tmp_path, capsys, damage, ne
     elif damage == "wrong_trainer":
         torch.save({"step": 2}, os.path.join(latest, ckpt.TRAINER))
     else:
-        with open(os.path.join(latest, ckpt.ADAPTERS), "wb") as f:
+        with open(os.path.join(latest, ckpt.WEIGHTS), "wb") as f:
             f.write(b"garbage")
     capsys.readouterr()
     assert main(micro_args(micro, out, max_steps=2, resume_from="latest")) == 2
