@@ -6,8 +6,10 @@ with tckernels modules:
 ====================  =======================================  =======================================  ========================
 module                format                                   functions                                gives
 ====================  =======================================  =======================================  ========================
-tckernels_transcoder  tckernels' own: ``config.json`` +        :func:`save_transcoder`,                 ``Transcoder``
-                      ``model.safetensors``                    :func:`load_transcoder`
+tckernels_transcoder  tckernels' own: ``config.json`` +        :func:`save_transcoder`,                 ``Transcoder``,
+                      ``model.safetensors``                    :func:`load_transcoder`                  ``CrossLayerTranscoder``,
+                                                                                                        ``BilinearTranscoder``,
+                                                                                                        ``BilinearMLP``
 qwen25_topk           Qwen2.5-32B TopK ``transcoder_L{i}.pt``  :func:`load_qwen25_topk_transcoder`,     ``Transcoder`` (TopK)
                                                                :func:`load_qwen25_topk_transcoders`
 bilinear_pythia       Pythia-410m bilinear ``.pt``             :func:`load_bilinear_pythia`             ``BilinearTranscoder``
