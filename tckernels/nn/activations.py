@@ -153,6 +153,7 @@ def gathered_pre(
     The returned tensor equals ``values``; its gradient flows to x, W_enc and b_enc through the
     kept slots only (gather-matmul and scatter-matmul, no ``[M, N]`` tensor).
     """
+    x, W_enc, b_enc = _common.autocast(x, W_enc, b_enc)  # the dtype the caller's GEMM ran in
     return _GatheredPre.apply(values.detach(), indices, x.contiguous(), W_enc, b_enc, kept)
 
 

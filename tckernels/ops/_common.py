@@ -44,6 +44,18 @@ def int64_indices(indices: Tensor) -> Tensor:
     return indices.to(torch.int64).contiguous()
 
 
+def autocast(*tensors: Optional[Tensor]) -> tuple:
+    """The tensors as an op runs them: under ``torch.autocast`` for their device, the floating-point
+    ones cast to its dtype (differentiably, so gradients reach the float32 masters), as aten's
+    matmuls are; otherwise as given. Custom ops get no autocast rule of their own, so without this a
+    bf16 autocast region would run them in float32 or refuse their mixed dtypes."""
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dt = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 

@@ -77,6 +77,7 @@ def encode_relu(
     >= 0, or a per-feature tensor [N] -> (values [..., k_max], indices [..., k_max] int64,
     counts [...] int64: active entries per row, which may exceed k_max).
     """
+    x, W_enc, b_enc = _common.autocast(x, W_enc, b_enc)
     n = _checks.encoder_args(x, W_enc, b_enc)
     _checks.k_value(k_max, n, "k_max")
     thr_tensor, thr_value = None, 0.0

@@ -58,6 +58,7 @@ def encode_topk(
 
     x [..., D], W_enc [N, D] (row per feature), b_enc [N] or None -> (values, indices) [..., k].
     """
+    x, W_enc, b_enc = _common.autocast(x, W_enc, b_enc)
     n = _checks.encoder_args(x, W_enc, b_enc)
     _checks.same_device(x, "x", W_enc, "W_enc", b_enc, "b_enc")
     _checks.k_value(k, n)

@@ -45,6 +45,7 @@ torch.library.register_autograd("tckernels::gather_dot", _backward, setup_contex
 
 def gather_dot(G: Tensor, indices: Tensor, W: Tensor, *, backend: Optional[str] = None) -> Tensor:
     """``out[m,j] = <G[m], W[indices[m,j]]>``; G [..., D], indices [..., k], W [N, D] -> [..., k]."""
+    G, W = _common.autocast(G, W)
     _checks.floating(G, "G", min_ndim=1)
     _checks.index(indices, "indices", min_ndim=1)
     _checks.floating(W, "W", ndim=2)

@@ -72,6 +72,7 @@ def gather_matmul(
     values: Tensor, indices: Tensor, W: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None
 ) -> Tensor:
     """``out[m] = Σ_j values[m,j]·W[indices[m,j]] (+ bias)``; values/indices [..., k], W [N, D] -> [..., D]."""
+    values, W, bias = _common.autocast(values, W, bias)
     check_args(values, indices, W, bias)
     name = _backend.resolve(backend, W.device.type)
     checked = _common.checked_rows(indices, W, "W")

@@ -63,6 +63,7 @@ def scatter_matmul(
     values [..., k], indices [..., k] (int32/int64), G [..., D]; leading dims are flattened.
     ``deterministic=True`` gives bit-identical results run to run (no atomics).
     """
+    values, G = _common.autocast(values, G)
     _checks.floating(values, "values", min_ndim=1)
     _checks.index(indices, "indices", min_ndim=1)
     _checks.floating(G, "G", min_ndim=1)

@@ -18,6 +18,7 @@ def sparse_decode(
     values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Optional[Tensor] = None, *, backend: Optional[str] = None
 ) -> Tensor:
     """Decode sparse features: values/indices [..., k], W_dec [N, D] (row per feature) -> [..., D]."""
+    values, W_dec, b_dec = _common.autocast(values, W_dec, b_dec)
     check_args(values, indices, W_dec, b_dec, names=("values", "indices", "W_dec", "b_dec"))
     name = _backend.resolve(backend, W_dec.device.type)
     checked = _common.checked_rows(indices, W_dec, "W_dec")

@@ -56,6 +56,7 @@ def topk_relu(
     pre [..., N] (float32/bfloat16/float16), bias [N] or None -> (values [..., k], indices [..., k] int64).
     A row with fewer than k positive entries has zero values in its last slots.
     """
+    pre, bias = _common.autocast(pre, bias)
     _checks.floating(pre, "pre", min_ndim=1)
     n = pre.shape[-1]
     _checks.k_value(k, n)

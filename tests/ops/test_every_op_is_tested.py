@@ -10,7 +10,8 @@ import pytest
 import tckernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CROSS_CUTTING = ["tests/ops/test_errors.py", "tests/ops/test_gradcheck.py", "tests/ops/test_opcheck_compile.py"]
+CROSS_CUTTING = ["tests/ops/test_errors.py", "tests/ops/test_gradcheck.py", "tests/ops/test_opcheck_compile.py",
+                 "tests/ops/test_autocast.py"]
 
 
 @pytest.fixture(scope="module")
