@@ -25,104 +25,28 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from tckernels.nn.metrics import advance_tokens_since_fired_
 from training import checkpoint as ckpt
-from training.config import Config, ConfigError, config_path_of, help_text, load_config
+from training import loop
+from training.config import DEFAULT_CONFIG, Config, ConfigError
 from training.data import DataError, ResumableBatches, load_records, load_tokenizer, prepare_examples
 from training.evaluate import sample_generations, validate
 from training.losses import BridgingObjective, sample_cutoffs
+from training.loop import (DTYPES, Dist, SetupError, TrainingDiverged, check_model_path, check_output_dir,  # noqa: F401
+                           clear_earlier_run, load_model, lr_lambda)
 from training.reporting import Reporter, progress_bar, report, say, show_step
-
-
-class SetupError(RuntimeError):
-    """Models, devices or logging backends that cannot be used; raised before training starts."""
-
-
-class TrainingDiverged(RuntimeError):
-    """A NaN or infinite loss or gradient."""
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# --------------------------------------------------------------------------------------------------
-# processes and devices
-# --------------------------------------------------------------------------------------------------
-class Dist:
-    def __init__(self, cfg: Config):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local = int(os.environ.get("LOCAL_RANK", "0"))
-        want = cfg.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise SetupError(f"device {cfg.device!r}: CUDA is not available")
-            self.device = torch.device(f"cuda:{self.local}" if want == "cuda" else want)
-            torch.cuda.set_device(self.device)
-        elif want == "cpu":
-            self.device = torch.device("cpu")
-        else:
-            raise SetupError(f"device {cfg.device!r}: expected auto, cpu, cuda or cuda:N")
-        self.enabled = self.world > 1
-        if self.enabled and not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend)
-        self.main = self.rank == 0
-
-    def all_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            t = t.clone()
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= self.world
-        return t
-
-    def all_any(self, t: torch.Tensor) -> torch.Tensor:
-        """A bool tensor, True where it is True on any process."""
-        if self.enabled:
-            t = t.to(torch.int32)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            t = t.bool()
-        return t
-
-    def barrier(self):
-        if self.enabled:
-            dist.barrier()
-
-    def gather_objects(self, obj):
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self):
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------
 # setup: everything that can fail does so here, before the first step
 # --------------------------------------------------------------------------------------------------
-def _check_model_path(name: str, path: str) -> None:
-    if os.path.exists(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise SetupError(f"{name} {path!r}: no config.json in it (not a Hugging Face model directory)")
-        return
-    if path.count("/") != 1 or path.startswith((".", "/", "~")):
-        raise SetupError(f"{name} {path!r}: no such directory (and not a hub id like 'org/name')")
-
-
 def _load_config_of(name: str, path: str):
     from transformers import AutoConfig
 
@@ -145,19 +69,7 @@ def check_pair_configs(cb, cr) -> None:
                          + "\n  ".join(problems))
 
 
-def _load_model(name: str, path: str, cfg: Config, device):
-    from transformers import AutoModelForCausalLM
 
-    kw = {"dtype": DTYPES[cfg.dtype]}
-    if cfg.attn_implementation:
-        kw["attn_implementation"] = cfg.attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    except Exception as e:
-        raise SetupError(f"{name} {path!r}: cannot load the model ({type(e).__name__}: {e})") from None
-    model.to(device)
-    model.eval()
-    return model
 
 
 def build_models(cfg: Config, device):
@@ -173,16 +85,16 @@ def build_models(cfg: Config, device):
                       seed=cfg.seed)
     if cfg.activation == "topk":
         adapter_kw["k"] = cfg.topk
-    base = _load_model("base_model", cfg.base_model, cfg, device)
+    base = load_model("base_model", cfg.base_model, cfg, device)
     try:
         if cfg.backbone == "target":
-            target = _load_model("reference_model", cfg.reference_model, cfg, device)
+            target = load_model("reference_model", cfg.reference_model, cfg, device)
             check_compatible(base, target)
             adapted = build_hybrid(target, base, cfg.n_features, **adapter_kw)
             del base
         else:
             adapted = adapt_model(base, cfg.n_features, **adapter_kw)
-        reference = _load_model("reference_model", cfg.reference_model, cfg, device)
+        reference = load_model("reference_model", cfg.reference_model, cfg, device)
         check_compatible(adapted, reference)
     except (ValueError, TypeError) as e:
         raise SetupError(str(e)) from None
@@ -216,8 +128,8 @@ def load_data(cfg: Config, tokenizer, vocab_size: int):
 
 def preflight(cfg: Config) -> None:
     """Cheap checks of everything named in the configuration."""
-    _check_model_path("base_model", cfg.base_model)
-    _check_model_path("reference_model", cfg.reference_model)
+    check_model_path("base_model", cfg.base_model)
+    check_model_path("reference_model", cfg.reference_model)
     if cfg.tokenizer:
         if not os.path.exists(cfg.tokenizer) and cfg.tokenizer.count("/") != 1:
             raise SetupError(f"tokenizer {cfg.tokenizer!r}: no such directory")
@@ -237,72 +149,6 @@ def preflight(cfg: Config) -> None:
         raise SetupError(f"output_dir {cfg.output_dir!r}: cannot create it ({e})") from None
     if not os.access(cfg.output_dir, os.W_OK):
         raise SetupError(f"output_dir {cfg.output_dir!r} is not writable")
-
-
-# what a run writes into output_dir; any of them there means the directory holds an earlier run
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "final_model", "tensorboard")
-
-
-def _inside(path: str, directory: str) -> bool:
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return path == directory or path.startswith(directory + os.sep)
-
-
-def check_output_dir(cfg: Config, resume_path: Optional[str]) -> list:
-    """Refuse to write over an earlier run in ``output_dir`` unless told: resuming from one of its own
-    checkpoints continues it; ``overwrite_output_dir`` replaces it. Returns the earlier run's outputs
-    that ``clear_earlier_run`` is to delete (none unless overwriting)."""
-    out = cfg.output_dir
-    found = [n for n in RUN_OUTPUTS if os.path.lexists(os.path.join(out, n))]
-    if not found:
-        return []
-    continuing = resume_path is not None and _inside(resume_path, ckpt.checkpoints_dir(out))
-    if continuing and cfg.overwrite_output_dir:
-        raise SetupError(f"resume_from {cfg.resume_from!r} is a checkpoint in output_dir {out!r}, which "
-                         f"overwrite_output_dir would delete; choose one of them")
-    if continuing:
-        return []
-    if not cfg.overwrite_output_dir:
-        why = (f"and resume_from {cfg.resume_from!r} is not one of its checkpoints"
-               if resume_path is not None else "and this run would overwrite it")
-        raise SetupError(
-            f"output_dir {out!r} holds an earlier run ({', '.join(found)}), {why}. To continue that run, "
-            f"add --resume_from latest; to delete it and start afresh, add --overwrite_output_dir; "
-            f"or choose another --output_dir")
-    return found
-
-
-def clear_earlier_run(cfg: Config, found: list) -> None:
-    """Delete the earlier run's outputs ``found`` in output_dir (what ``overwrite_output_dir`` asked
-    for), so its checkpoints, metrics and final model cannot be mistaken for this run's. Other files
-    there are left alone."""
-    for n in found:
-        p = os.path.join(cfg.output_dir, n)
-        try:
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p)
-            else:
-                os.remove(p)
-        except OSError as e:
-            raise SetupError(f"overwrite_output_dir: cannot delete {p!r} ({e})") from None
-    if found:
-        print(f"overwrite_output_dir: deleted the earlier run's {', '.join(found)} in {cfg.output_dir}", flush=True)
-
-
-def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
-    """The learning-rate factor of optimizer step ``step`` (from 0): Hugging Face's cosine schedule
-    with linear warmup (``get_cosine_schedule_with_warmup``, the original's), so the first step has
-    factor 0, over ``int(warmup_ratio * total_steps)`` warmup steps; the cosine then decays to
-    ``min_lr_ratio`` (0 in Hugging Face's)."""
-    warmup = int(warmup_ratio * total_steps)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_lr_ratio + (1 - min_lr_ratio) * max(0.0, 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-    return f
 
 
 # --------------------------------------------------------------------------------------------------
@@ -640,20 +486,7 @@ def finish(tr: Trainer, halted: bool, t_start: float) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if "-h" in argv or "--help" in argv:
-            print(help_text(config_path_of(argv)))  # the defaults of --config FILE when given
-            return 0
-        cfg = load_config(argv)
-        run(cfg)
-    except (ConfigError, DataError, SetupError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return loop.main(argv, Config, DEFAULT_CONFIG, lambda cfg: run(cfg))
 
 
 if __name__ == "__main__":

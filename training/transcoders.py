@@ -48,12 +48,13 @@ from tckernels.nn import metrics as M
 from training import checkpoint as ckpt
 from training import config as config_lib
 from training.activations import ActivationBuffer, ActivationStream, _first_tensor, load_sequences
-from training.config import ConfigError, _f, config_path_of
+from training.config import ConfigError, _f
 from training.data import DataError, load_tokenizer
 from training.dictionaries import ARCHITECTURES, BILINEAR_KINDS, build_dictionary
 from training.reporting import Reporter, progress_bar, say
-from training.train import (Dist, SetupError, TrainingDiverged, _check_model_path, _load_model,
-                            check_output_dir, clear_earlier_run, lr_lambda)
+from training import loop
+from training.loop import (RUN_OUTPUTS, Dist, SetupError, TrainingDiverged, check_model_path, check_output_dir,
+                           clear_earlier_run, load_model, lr_lambda)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "transcoders_tiny.yaml")
@@ -257,7 +258,7 @@ class Trainer:
 
 
 def preflight(cfg: TranscoderRunConfig) -> None:
-    _check_model_path("model", cfg.model)
+    check_model_path("model", cfg.model)
     for name in ("train_data", "val_data"):
         p = getattr(cfg, name)
         if p and not os.path.exists(p) and p.count("/") != 1:
@@ -331,9 +332,7 @@ def make_optimizers(cfg: TranscoderRunConfig, dictionary: torch.nn.Module, devic
 def setup(cfg: TranscoderRunConfig, pg: Dist) -> Trainer:
     preflight(cfg)
     resume_path = ckpt.resolve_resume(cfg.resume_from, cfg.output_dir)
-    earlier_run = check_output_dir(cfg, resume_path) if pg.main else []
-    if earlier_run and os.path.lexists(os.path.join(cfg.output_dir, "transcoders")):
-        earlier_run.append("transcoders")  # the adapter loop's list does not know this loop's output
+    earlier_run = check_output_dir(cfg, resume_path, RUN_OUTPUTS + ("transcoders",)) if pg.main else []
     from transformers import AutoConfig
 
     try:
@@ -343,7 +342,7 @@ def setup(cfg: TranscoderRunConfig, pg: Dist) -> Trainer:
     layers = cfg.layer_list(n_model_layers)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     train_ids, val_ids = load_data(cfg, tokenizer)
-    model = _load_model("model", cfg.model, cfg, pg.device)
+    model = load_model("model", cfg.model, cfg, pg.device)
     for p in model.parameters():
         p.requires_grad_(False)
     # each process runs its own forwards (rank, rank + world, ...) and shuffles its own buffer
@@ -756,20 +755,8 @@ def finish(tr: Trainer, halted: bool, t_start: float) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if "-h" in argv or "--help" in argv:
-            print(config_lib.help_text(config_path_of(argv), TranscoderRunConfig, DEFAULT_CONFIG))
-            return 0
-        run(load_config(argv))
     # ValueError: the activation stream or cache refusing the data, model or layers (before training)
-    except (ConfigError, DataError, SetupError, ckpt.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return loop.main(argv, TranscoderRunConfig, DEFAULT_CONFIG, lambda cfg: run(cfg), refused=(ValueError,))
 
 
 if __name__ == "__main__":

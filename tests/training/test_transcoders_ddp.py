@@ -49,7 +49,7 @@ def one_process_doing_two(argv, steps):
             y = torch.stack([s.transform(batch.outputs[:, j]) for j, s in enumerate(tr.std_out)], 1)
             total, _ = tr.dictionary(x, y)
             total.backward()
-            step_loss += float(total) / 2
+            step_loss += float(total.detach()) / 2
         for pa, pb in zip(a.dictionary.parameters(), b.dictionary.parameters()):
             g = (pa.grad + pb.grad) / 2
             pa.grad, pb.grad = g.clone(), g.clone()
