@@ -64,7 +64,7 @@ SHAPES = {
                    num_key_value_heads=12),
         # dead_after_tokens = one batch: a feature that did not fire in the previous batch is dead,
         # so AuxK does its work in every timed step, as early in a real run (with the default of
-        # 10^6 tokens it would start only after 500 steps). Two batches estimate the
+        # 10^6 tokens it would start only after ~490 steps). Two batches estimate the
         # standardisation: setup's forwards are not what is measured.
         overrides=dict(n_features=24576, k=32, batch_tokens=2048, buffer_tokens=8192, dead_after_tokens=2048,
                        standardize_batches=2),
