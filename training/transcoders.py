@@ -312,16 +312,23 @@ def schedule(cfg: TranscoderRunConfig):
     return lambda step: step / max(1, warmup) if step < warmup else 1.0
 
 
+def is_weight_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight (what Muon orthogonalises), not a stack of biases such as a cross-layer
+    transcoder's per-layer output biases ``b_dec [L, d]``."""
+    last = name.rsplit(".", 1)[-1]
+    return p.dim() == 2 and not (last == "bias" or last.startswith("b_"))
+
+
 def make_optimizers(cfg: TranscoderRunConfig, dictionary: torch.nn.Module, device) -> list:
     """AdamW over every parameter; or Muon over the 2-D weight matrices and AdamW over the rest."""
     adam_kw = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     if device.type == "cuda":
         adam_kw["fused"] = True
-    params = [p for p in dictionary.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in dictionary.named_parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
-        return [torch.optim.AdamW(params, lr=cfg.learning_rate, **adam_kw)]
-    matrices = [p for p in params if p.dim() == 2]
-    rest = [p for p in params if p.dim() != 2]
+        return [torch.optim.AdamW([p for _, p in named], lr=cfg.learning_rate, **adam_kw)]
+    matrices = [p for n, p in named if is_weight_matrix(n, p)]
+    rest = [p for n, p in named if not is_weight_matrix(n, p)]
     opts = [torch.optim.Muon(matrices, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                              momentum=cfg.muon_momentum)]
     if rest:
@@ -598,7 +605,8 @@ def _kl_top1(orig: torch.Tensor, new: torch.Tensor) -> tuple:
     """(summed KL(orig || new) over positions, number of positions where the argmax agrees)."""
     lp, lq = F.log_softmax(orig, -1), F.log_softmax(new, -1)
     kl = (lp.exp() * (lp - lq)).sum(-1)
-    return float(kl.sum()), int((orig.argmax(-1) == new.argmax(-1)).sum())
+    # summed in float64, so the figures do not depend on how the held-out rows are batched
+    return float(kl.double().sum()), int((orig.argmax(-1) == new.argmax(-1)).sum())
 
 
 @torch.no_grad()
