@@ -44,7 +44,7 @@ pytest.importorskip("yaml")
 from bench.conftest import ROOT, write_result  # noqa: E402
 from tckernels.nn import Standardizer  # noqa: E402
 from training.activations import ActivationBuffer, ActivationStream  # noqa: E402
-from training.train import Dist, lr_lambda  # noqa: E402
+from training.loop import Dist, lr_lambda  # noqa: E402
 from training.transcoders import load_config, setup, train_step  # noqa: E402
 
 SMOKE = os.environ.get("TCK_BENCH_SMOKE") == "1"

@@ -249,3 +249,14 @@ def test_the_benchmark_tables_are_the_committed_results():
     for kind in ("forward", "generate"):
         assert _row(text, kind) == [f"{overhead[kind]['time_vs_plain'][v]:.2f}×" for v in columns], kind
     assert f"median over {overhead['rounds']} interleaved rounds" in text
+
+    trainer = json.loads((ROOT / "bench" / "results" / "transcoder_trainer.json").read_text())["shapes"]
+    shapes = ("tiny", "gpt2")
+    assert _row(text, "trainer tokens/s") == [f"{trainer[k]['tokens_per_s']['trainer']:,.0f}" for k in shapes]
+    assert _row(text, "dense loop tokens/s") == [f"{trainer[k]['tokens_per_s']['dense']:,.0f}" for k in shapes]
+    cells = _row(text, "speed-up of the trainer")
+    assert [re.search(r"([\d.]+)×", c).group(1) for c in cells] == [f"{trainer[k]['speedup']:.2f}" for k in shapes]
+    assert _row(text, "share of the trainer's time making activations") == [
+        f"{100 * trainer[k]['activation_share']['trainer']:.0f}%" for k in shapes]
+    assert (f"Median over {trainer['tiny']['rounds']} (tiny) and {trainer['gpt2']['rounds']} (GPT-2)\ninterleaved "
+            "rounds") in text
