@@ -47,7 +47,7 @@ from tckernels.nn.standardize import Standardization
 from tckernels.nn import metrics as M
 from training import checkpoint as ckpt
 from training import config as config_lib
-from training.activations import ActivationBuffer, ActivationStream, _first_tensor, load_sequences
+from training.activations import HOOK_POINTS, ActivationBuffer, ActivationStream, _first_tensor, load_sequences
 from training.config import ConfigError, _f
 from training.data import DataError, load_tokenizer
 from training.dictionaries import ARCHITECTURES, BILINEAR_KINDS, build_dictionary
@@ -68,6 +68,10 @@ class TranscoderRunConfig:
     dtype: str = _f("float32", "dtype the model runs in", ("float32", "bfloat16", "float16"))
     attn_implementation: Optional[str] = _f(None, "HF attention implementation (eager, sdpa, flash_attention_2)")
     layers: str = _f("all", "layers to transcode: 'all' or comma-separated indices, e.g. '0,2,5'")
+    input_hook: str = _f("mlp_in", "what the dictionary reads at each chosen layer: the MLP's input (mlp_in) "
+                         "or output (mlp_out), or the layer's input (resid_pre) or output (resid_post)", HOOK_POINTS)
+    output_hook: str = _f("mlp_out", "what it reconstructs (the same point as input_hook: a sparse autoencoder)",
+                          HOOK_POINTS)
     train_data: str = _f("", "training text: .jsonl/.json/.parquet, a saved HF dataset, or a hub name")
     train_split: str = _f("train", "split of a saved/hub dataset")
     val_data: Optional[str] = _f(None, "held-out text (default: the last val_sequences rows of train_data)")
@@ -187,6 +191,10 @@ class TranscoderRunConfig:
             errs.append("standardize: 'dim' cannot be folded into a BilinearTranscoder (its hidden layer is "
                         "(sum_i x_i) * W_right x: no shift or per-dimension scale of x fits in it); use 'layer' "
                         "(one std, not centred), 'none', or bilinear_kind 'mlp'")
+        if self.input_hook in HOOK_POINTS and self.output_hook in HOOK_POINTS and (
+                HOOK_POINTS.index(self.output_hook) < HOOK_POINTS.index(self.input_hook)):
+            errs.append(f"output_hook: {self.output_hook!r} comes before input_hook {self.input_hook!r} in a layer's "
+                        f"forward ({' -> '.join(HOOK_POINTS)})")
         if self.buffer_tokens < 2 * self.batch_tokens:
             errs.append(f"buffer_tokens: {self.buffer_tokens} must be at least 2 x batch_tokens ({self.batch_tokens})")
         try:
@@ -353,8 +361,9 @@ def setup(cfg: TranscoderRunConfig, pg: Dist) -> Trainer:
     for p in model.parameters():
         p.requires_grad_(False)
     # each process runs its own forwards (rank, rank + world, ...) and shuffles its own buffer
-    stream = ActivationStream(model, train_ids, layers, forward_batch_size=cfg.forward_batch_size, seed=cfg.seed,
-                              rank=pg.rank, world_size=pg.world, cache_dir=cfg.cache_dir, data_path=cfg.train_data)
+    stream = ActivationStream(model, train_ids, layers, cfg.input_hook, cfg.output_hook,
+                              forward_batch_size=cfg.forward_batch_size, seed=cfg.seed, rank=pg.rank,
+                              world_size=pg.world, cache_dir=cfg.cache_dir, data_path=cfg.train_data)
     buffer = ActivationBuffer(stream, cfg.buffer_tokens, cfg.batch_tokens, seed=cfg.seed + 7919 * pg.rank)
     try:
         dictionary = build_dictionary(cfg.architecture, layers, stream.d_in, stream.d_out, cfg.n_features,
@@ -417,7 +426,7 @@ def estimate_standardization(tr: Trainer) -> None:
         b = tr.buffer.next_batch()
         for j in range(n):
             est_in[j].update(b.inputs[:, j])
-            est_out[j].update(b.outputs[:, j])
+            est_out[j].update(b.targets[:, j])
     stats = _stats([e.compute() for e in est_in]), _stats([e.compute() for e in est_out])
     stats = tr.pg.gather_objects(stats)[0]
     tr.std_in, tr.std_out = _unstats(stats[0]), _unstats(stats[1])
@@ -515,7 +524,7 @@ def train_step(tr: Trainer) -> dict:
     b = tr.buffer.next_batch()
     dev = tr.pg.device
     x = torch.stack([_std(tr.std_in[j], b.inputs[:, j].to(dev)) for j in range(len(tr.layers))], dim=1)
-    y = torch.stack([_std(tr.std_out[j], b.outputs[:, j].to(dev)) for j in range(len(tr.layers))], dim=1)
+    y = torch.stack([_std(tr.std_out[j], b.targets[:, j].to(dev)) for j in range(len(tr.layers))], dim=1)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast):
         total, per_layer = tr.objective(x, y)
     total.backward()
@@ -559,11 +568,20 @@ def log_step(tr: Trainer, rec: dict, bar) -> None:
 # --------------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------------
-class _MLPHooks:
-    """Hooks on every chosen layer's MLP for one model forward: each MLP's input and output are
-    recorded (raw), and the MLPs of ``replace`` (layer positions) return the dictionary's estimate
-    instead of their own output. A cross-layer transcoder's estimate at a layer reads the inputs of the
-    earlier chosen layers in the same forward (the replaced model's, when they are replaced too)."""
+def _with_first(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple:
+    """(args, kwargs) of a module call with its hidden-state argument replaced by ``x``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": x}
+
+
+class _ReplacementHooks:
+    """Hooks at every chosen layer's input and output points for one model forward: each point's
+    value is recorded (raw), and at the layers of ``replace`` (layer positions) the output point
+    takes the dictionary's estimate instead. A cross-layer transcoder's estimate at a layer reads the
+    earlier chosen layers' inputs in the same forward (the replaced model's, where they are
+    replaced too). With one point for both (a sparse autoencoder) the point's value is replaced by
+    its reconstruction."""
 
     def __init__(self, tr: Trainer, replace=()):
         from tckernels.models import find_decoder_layers
@@ -572,28 +590,44 @@ class _MLPHooks:
         self.decoder = find_decoder_layers(tr.model)
         self.ins, self.outs, self.xs, self.memo = {}, {}, {}, {}
 
+    def _estimate(self, j: int, like: torch.Tensor) -> torch.Tensor:
+        y = self.tr.dictionary.replacement(j, self.xs, self.memo)
+        return _unstd(self.tr.std_out[j], y).to(like.dtype)
+
+    def _seen(self, j: int, point: str, value: torch.Tensor) -> Optional[torch.Tensor]:
+        """Record ``value`` at ``point`` of layer position j; the value to use instead, if any."""
+        cfg = self.tr.cfg
+        if point == cfg.input_hook:
+            self.ins[j] = value
+            self.xs[j] = _std(self.tr.std_in[j], value.float())
+        if point == cfg.output_hook:
+            self.outs[j] = value
+            if j in self.replace:
+                return self._estimate(j, value)
+        return None
+
     def __enter__(self):
-        tr = self.tr
+        cfg = self.tr.cfg
         self.handles = []
-        for j, i in enumerate(tr.layers):
-            mlp = self.decoder[i].mlp
+        for j, i in enumerate(self.tr.layers):
+            layer = self.decoder[i]
+            for point in dict.fromkeys((cfg.input_hook, cfg.output_hook)):
+                module = layer if point.startswith("resid") else layer.mlp
+                if point in ("resid_pre", "mlp_in"):  # what the module reads
+                    def pre(module, args, kwargs, j=j, point=point):
+                        new = self._seen(j, point, _first_tensor(args, kwargs))
+                        return None if new is None else _with_first(args, kwargs, new)
 
-            def pre(module, args, kwargs, j=j):
-                x = _first_tensor(args, kwargs)
-                self.ins[j] = x
-                self.xs[j] = _std(tr.std_in[j], x.float())
+                    self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                else:  # what it writes
+                    def post(module, args, output, j=j, point=point):
+                        tup = isinstance(output, (tuple, list))
+                        new = self._seen(j, point, output[0] if tup else output)
+                        if new is None:
+                            return None
+                        return (new, *output[1:]) if tup else new
 
-            def post(module, args, output, j=j):
-                first = output[0] if isinstance(output, (tuple, list)) else output
-                if j in self.replace:
-                    y = _unstd(tr.std_out[j], tr.dictionary.replacement(j, self.xs, self.memo)).to(first.dtype)
-                    self.outs[j] = first
-                    return (y, *output[1:]) if isinstance(output, (tuple, list)) else y
-                self.outs[j] = first
-                return None
-
-            self.handles.append(mlp.register_forward_pre_hook(pre, with_kwargs=True))
-            self.handles.append(mlp.register_forward_hook(post))
+                    self.handles.append(module.register_forward_hook(post))
         return self
 
     def __exit__(self, *exc):
@@ -624,7 +658,7 @@ def validate(tr: Trainer) -> dict:
     n_tok = 0
     for s in range(0, len(tr.val_ids), tr.cfg.val_batch_size):
         ids = tr.val_ids[s:s + tr.cfg.val_batch_size].to(dev)
-        with _MLPHooks(tr) as h:
+        with _ReplacementHooks(tr) as h:
             orig = tr.model(input_ids=ids, use_cache=False).logits.float()
         for j in range(n):
             x, y = h.ins[j].reshape(-1, h.ins[j].shape[-1]), h.outs[j].reshape(-1, h.outs[j].shape[-1]).double()
@@ -636,11 +670,11 @@ def validate(tr: Trainer) -> dict:
             if codes is not None:
                 l0_sum[j] += float(M.l0(codes.values)) * x.shape[0]
         n_tok += ids.numel()
-        with _MLPHooks(tr, range(n)):
+        with _ReplacementHooks(tr, range(n)):
             kl, agree = _kl_top1(orig, tr.model(input_ids=ids, use_cache=False).logits.float())
         kl_all, top1_all = kl_all + kl, top1_all + agree
         for j in range(n):
-            with _MLPHooks(tr, [j]):
+            with _ReplacementHooks(tr, [j]):
                 kl, agree = _kl_top1(orig, tr.model(input_ids=ids, use_cache=False).logits.float())
             kl_one[j] += kl
             top1_one[j] += agree
@@ -722,13 +756,13 @@ def save_transcoders(tr: Trainer) -> dict:
     return paths
 
 
-def report(v: dict) -> str:
+def report(v: dict, where: str = "MLP") -> str:
     lines = ["", "== transcoders: result =="]
     for j, i in enumerate(v["layers"]):
         sparse = (f", L0 {v['l0'][j]:.1f}, dead {100 * v['dead_fraction'][j]:.1f}%" if "l0" in v else "")
         lines.append(f"layer {i}: FVU {v['fvu'][j]:.4f}{sparse}, replaced alone: KL {v['kl_each'][j]:.4f}, "
                      f"top-1 {100 * v['top1_each'][j]:.1f}%")
-    lines.append(f"replacement model (every chosen layer's MLP replaced), {v['n_tokens']} held-out tokens: "
+    lines.append(f"replacement model (every chosen layer's {where} replaced), {v['n_tokens']} held-out tokens: "
                  f"KL(original || replaced) {v['kl_all']:.4f}, top-1 agreement {100 * v['top1_all']:.1f}%")
     return "\n".join(lines)
 
@@ -754,7 +788,8 @@ def finish(tr: Trainer, halted: bool, t_start: float) -> dict:
         summary["total_seconds"] = round(time.time() - t_start, 1)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        print(report(summary["final"]), flush=True)
+        where = "MLP" if (cfg.input_hook, cfg.output_hook) == ("mlp_in", "mlp_out") else cfg.output_hook
+        print(report(summary["final"], where), flush=True)
         print(f"(transcoders: {os.path.join(cfg.output_dir, 'transcoders')}; metrics: {tr.reporter.path}; "
               f"{summary['total_seconds']:.0f} s in all)", flush=True)
     tr.pg.barrier()

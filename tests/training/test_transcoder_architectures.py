@@ -339,3 +339,48 @@ def test_bad_configuration_is_refused_before_training(micro, tmp_path, capsys, o
     err = capsys.readouterr().err
     assert message in err
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# hook points: a sparse autoencoder at one point, a transcoder between two others
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hooks", [("resid_post", "resid_post"), ("mlp_in", "mlp_in"), ("resid_pre", "mlp_out")],
+                         ids=["sae-resid_post", "sae-mlp_in", "resid_pre-to-mlp_out"])
+def test_hook_points_train_and_are_replaced_where_they_were_read(micro, tmp_path, monkeypatch, hooks):
+    inp, outp = hooks
+    rc, tr = run_keeping_trainer(micro, tmp_path / "run", monkeypatch, max_steps=3, input_hook=inp, output_hook=outp)
+    assert rc == 0
+    f = json.load(open(tmp_path / "run" / "summary.json"))["final"]
+    assert all(math.isfinite(x) for x in f["fvu"]) and all(x > 0 for x in f["kl_each"])
+    ids = tr.val_ids[:2]
+    ins, outs = capture_activations(tr.model, ids, tr.layers, inp, outp)
+    targets = ins if outs is None else outs
+    assert load_transcoder(tmp_path / "run" / "transcoders" / "layer_0").d_out == targets.shape[-1]
+    # with layer position 1 replaced, the value at its output point is the estimate from its input
+    # point in that same forward, and layer 0's point is untouched
+    decoder = T._ReplacementHooks(tr).decoder
+    seen = {}
+
+    def watch(j):
+        layer = decoder[tr.layers[j]]
+        module = layer if outp.startswith("resid") else layer.mlp
+        if outp in ("resid_pre", "mlp_in"):
+            return module.register_forward_pre_hook(
+                lambda m, a, kw: seen.__setitem__(j, T._first_tensor(a, kw)), with_kwargs=True)
+        return module.register_forward_hook(lambda m, a, o: seen.__setitem__(j, o[0] if isinstance(o, tuple) else o))
+
+    tr.dictionary.eval()
+    with torch.no_grad(), T._ReplacementHooks(tr, [1]) as h:
+        handles = [watch(0), watch(1)]  # registered after the replacement hooks: they see what the model uses
+        tr.model(input_ids=ids, use_cache=False)
+        for hd in handles:
+            hd.remove()
+        want = _unstd(tr, 1, tr.dictionary.replacement(1, h.xs, {}))
+    torch.testing.assert_close(seen[1], want.to(seen[1].dtype))
+    torch.testing.assert_close(seen[0].reshape(-1, targets.shape[-1]), targets[:, 0])
+    assert not torch.allclose(seen[1].reshape(-1, targets.shape[-1]), targets[:, 1])
+
+
+def test_hook_points_in_the_wrong_order_are_refused(micro, tmp_path, capsys):
+    assert main(tc_args(micro, tmp_path / "run", input_hook="mlp_out", output_hook="mlp_in")) == 2
+    assert "output_hook: 'mlp_in' comes before input_hook 'mlp_out'" in capsys.readouterr().err
