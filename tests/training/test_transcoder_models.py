@@ -1,4 +1,4 @@
-"""python -m training.transcoders on other model families (Llama, GPT-NeoX), on a model whose layers
+"""python -m training.transcoders on other model families (Llama, GPT-NeoX, GPT-2), on a model whose layers
 have no .mlp, against a mismatched activation cache, and its outputs exported for circuit-tracer."""
 import json
 import math
@@ -23,8 +23,8 @@ def _save(model, root, name):
 
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
-    from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig,
-                              OPTForCausalLM)
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                              LlamaForCausalLM, OPTConfig, OPTForCausalLM)
 
     root = str(tmp_path_factory.mktemp("families"))
     vocab = len(CharTokenizer())
@@ -36,6 +36,8 @@ def families(tmp_path_factory):
         "gpt_neox": _save(GPTNeoXForCausalLM(GPTNeoXConfig(
             vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             max_position_embeddings=64)), root, "gpt_neox"),
+        "gpt2": _save(GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64)), root, "gpt2"),
         # OPT's decoder layers have fc1/fc2 and no .mlp
         "opt": _save(OPTForCausalLM(OPTConfig(
             vocab_size=vocab, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
@@ -43,7 +45,7 @@ def families(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2"])
 def test_other_families_train(micro, tmp_path, families, family):
     out = tmp_path / "run"
     assert main(tc_args(micro, out, model=families[family], max_steps=3)) == 0
