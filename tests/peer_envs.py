@@ -28,6 +28,13 @@ SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer")
 ENVIRONMENTS = {
     "transformers457": (["transformers==4.57.1"],
                         "import transformers; assert transformers.__version__ == '4.57.1', transformers.__version__"),
+    # the interpretability tools whose formats tckernels reads and writes, at the released versions
+    "circuit_tracer": (["circuit-tracer==0.5.0"],
+                       "import circuit_tracer, importlib.metadata as m; assert m.version('circuit-tracer') == '0.5.0'"),
+    "sparsify": (["eai-sparsify==1.3.3"],
+                 "import sparsify, importlib.metadata as m; assert m.version('eai-sparsify') == '1.3.3'"),
+    "saelens": (["sae-lens==6.54.12"],
+                "import sae_lens, importlib.metadata as m; assert m.version('sae-lens') == '6.54.12'"),
 }
 
 
@@ -63,7 +70,14 @@ def peer_python(name: str) -> str:
         parent = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
         with open(os.path.join(own, "_tckernels_parent_environment.pth"), "w") as f:
             f.write("\n".join(parent) + "\n")
-        step([_python(name), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *reqs])
+        import torch
+
+        # a peer package asking for another torch must fail here, not download a multi-GB build
+        constraints = os.path.join(VENVS, f"{name}.constraints.txt")
+        with open(constraints, "w") as f:
+            f.write(f"torch=={torch.__version__}\n")
+        step([_python(name), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c", constraints,
+              *reqs])
         if not _works(name):
             pytest.fail(f"the {name} environment was made but `{ENVIRONMENTS[name][1]}` fails in it")
         return _python(name)
