@@ -72,7 +72,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch
-from torch import Tensor
 
 from tckernels.nn.errors import FormatError
 from tckernels.nn.formats.reading import assign_, check_shape, read_safetensors, safetensors_keys
@@ -376,8 +375,8 @@ def save_sparsify_dir(
     is checked before anything is written."""
     root = Path(path)
     for name in transcoders:
-        parts = Path(name).parts
-        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in parts or len(parts) > 2:
+        parts = Path(name).parts if isinstance(name, str) else ()
+        if not parts or Path(name).is_absolute() or ".." in parts or len(parts) > 2:
             raise ValueError(f"hook point name {name!r} must be a folder name ('layers.5' or 'layers.5/seed0')")
         try:
             _sparsify_tensors_and_cfg(transcoders[name], dtype)
