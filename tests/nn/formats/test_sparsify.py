@@ -209,7 +209,7 @@ def test_save_dir_checks_everything_first(tmp_path):
     with pytest.raises(ValueError, match="'layers.1'.*activation"):
         save_sparsify_dir({"layers.0": good, "layers.1": bad}, tmp_path / "run")
     assert not (tmp_path / "run").exists()
-    for name in ("../up", "/abs", "", "a/b/c"):
+    for name in ("../up", "/abs", "", "a/b/c", 3):
         with pytest.raises(ValueError, match="hook point name"):
             save_sparsify_dir({name: good}, tmp_path / "run")
 
