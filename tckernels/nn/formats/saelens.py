@@ -47,12 +47,16 @@ How the formats map (``Transcoder(d_in, d_sae, d_out)``, weights row per feature
   parameters in tckernels (only their values are tied), so training afterwards may untie them.
   On export, ``b_pre`` bit-equal to ``b_dec`` is written as ``apply_b_dec_to_input=True``; any other
   ``b_pre`` is folded into the encoder bias (``b_enc − W_enc b_pre`` in float64), equal up to rounding.
-* JumpReLU: ``log_threshold = log(threshold)``, picking among neighbouring floats one whose ``exp``
-  gives the file's threshold back bit for bit (tckernels compares ``s > exp(log_threshold)``), so
-  the same features fire. A threshold <= 0 gates exactly like 0 (``relu(h)·(h > t)`` is ``relu(h)``),
-  which is ``log_threshold = −inf``. Exporting writes ``threshold = exp(log_threshold)``. A round
-  trip reproduces θ and every other tensor bit for bit; ``log_threshold`` itself may come back as
-  another float with the same ``exp`` (several floats near 0 share one).
+* JumpReLU: tckernels compares ``s > exp(log_threshold)``. Exporting writes
+  ``threshold = exp(log_threshold)`` (that same θ). Loading sets ``log_threshold = log(threshold)``,
+  picking among the neighbouring floats the one whose ``exp`` is nearest the file's threshold:
+  that is the threshold bit for bit whenever some float's ``exp`` is (always for files written
+  here); otherwise (about a third of arbitrary float32 thresholds below e⁻¹, where ``exp`` skips
+  floats) θ is off by at most about ``|log θ|`` ulps, and only a pre-activation that close to θ can
+  be gated differently. A threshold <= 0 gates exactly like 0 (``relu(h)·(h > t)`` is
+  ``relu(h)``), which is ``log_threshold = −inf``. A round trip reproduces θ and every other
+  tensor bit for bit; ``log_threshold`` itself may come back as another float with the same
+  ``exp`` (several floats near 0 share one).
 * TopK with ``rescale_acts_by_decoder_norm=True`` is loaded with the norms folded in (``W_enc·n``,
   ``b_enc·n``, ``W_dec/n`` in float64, as SAELens' own ``fold_W_dec_norm``): the same function up
   to rounding. Exports never set it. tckernels' TopK (``relu`` then the k largest) keeps the same
@@ -238,23 +242,22 @@ def _parse_cfg(cfg: dict, path: str) -> dict:
 
 
 def _log_threshold(threshold: Tensor) -> Tensor:
-    """log(threshold) in threshold's dtype, chosen so that exp() of it gives threshold back
-    exactly where some float does (on CPU); thresholds <= 0 become −inf."""
+    """log(threshold) in threshold's dtype: of the floats next to it, the one whose exp() (on CPU)
+    is nearest threshold, so exactly threshold where such a float exists; thresholds <= 0 become −inf."""
     dt = threshold.dtype
     t = threshold.detach().cpu()
     base = t.double().clamp_min(0).log().to(dt)
     if dt in (torch.float16, torch.bfloat16):  # torch.nextafter is not defined for these
-        return base
-    best = base.clone()
-    found = base.exp() == t
-    up, down = base.clone(), base.clone()
+        return torch.where(t > 0, base, torch.full_like(base, -math.inf))
+    cands = [base]
+    up, down = base, base
     for _ in range(3):
         up = torch.nextafter(up, torch.full_like(up, math.inf))
         down = torch.nextafter(down, torch.full_like(down, -math.inf))
-        for cand in (up, down):
-            hit = ~found & (cand.exp() == t)
-            best = torch.where(hit, cand, best)
-            found |= hit
+        cands += [up, down]
+    cands = torch.stack(cands)
+    err = (cands.exp().double() - t.double()).abs()
+    best = cands.gather(0, err.argmin(0, keepdim=True))[0]  # argmin takes the first: base on a tie
     return torch.where(t > 0, best, torch.full_like(best, -math.inf))
 
 
