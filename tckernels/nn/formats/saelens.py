@@ -477,12 +477,17 @@ def save_saelens(
         if not isinstance(sparsity, Tensor) or tuple(sparsity.shape) != (n,) or not sparsity.is_floating_point():
             raise ValueError(f"sparsity: expected a floating tensor of shape ({n},)")
 
+    try:
+        cfg_text = json.dumps(cfg)  # before anything is written: a metadata value JSON cannot hold
+    except TypeError as e:
+        raise ValueError(f"metadata: not JSON-serialisable ({e})") from None
+
     from safetensors.torch import save_file
 
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_FILENAME))
     with open(os.path.join(path, CFG_FILENAME), "w") as f:
-        json.dump(cfg, f)
+        f.write(cfg_text)
     if sparsity is not None:
         save_file({"sparsity": sparsity.detach().contiguous().cpu()}, os.path.join(path, SPARSITY_FILENAME))

@@ -366,7 +366,10 @@ def test_save_refusals(tmp_path):
         save_saelens(random_transcoder("relu"), tmp_path / "c")
     with pytest.raises(ValueError, match="dtype"):
         save_saelens(random_transcoder("relu"), tmp_path / "d", hook_name="h", dtype=torch.int8)
-    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+    with pytest.raises(ValueError, match="metadata"):
+        save_saelens(random_transcoder("relu"), tmp_path / "e", hook_name="h", metadata={"when": object()})
+    for name in "abcde":
+        assert not os.path.exists(tmp_path / name)
 
 
 def test_sae_with_d_in_equal_d_out_can_be_saved_as_transcoder(tmp_path):
