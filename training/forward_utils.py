@@ -55,10 +55,22 @@ def stack_of(model: nn.Module) -> Stack:
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_argument(create_mask) -> str:
-    """The mask makers' cache argument: ``cache`` in recent transformers 5 releases,
-    ``past_key_values`` in earlier ones (looked up once)."""
-    return "cache" if "cache" in inspect.signature(create_mask).parameters else "past_key_values"
+def _mask_parameters(create_mask) -> frozenset:
+    """The mask makers' parameter names, which differ between transformers releases (looked up once)."""
+    return frozenset(inspect.signature(create_mask).parameters)
+
+
+def _mask_kwargs(create_mask, config, h: Tensor, attention_mask: Tensor, position_ids: Tensor) -> dict:
+    """Arguments for ``create_mask`` of the installed transformers, no cache: the embeddings are
+    ``inputs_embeds`` in transformers 5 and ``input_embeds`` in 4.x; the cache argument ``cache`` in
+    recent 5.x releases and ``past_key_values`` before; 4.x also takes ``cache_position``."""
+    params = _mask_parameters(create_mask)
+    kw = dict(config=config, attention_mask=attention_mask, position_ids=position_ids)
+    kw["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = h
+    kw["cache" if "cache" in params else "past_key_values"] = None
+    if "cache_position" in params:
+        kw["cache_position"] = torch.arange(h.shape[1], device=h.device)
+    return kw
 
 
 class BatchInputs:
@@ -80,11 +92,11 @@ class BatchInputs:
         if key not in self._masks:
             from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-            kw = dict(config=cfg, inputs_embeds=h, attention_mask=self.attention_mask, position_ids=self.position_ids)
-            kw[_cache_argument(create_causal_mask)] = None
-            m = {"full_attention": create_causal_mask(**kw)}
+            args = (cfg, h, self.attention_mask, self.position_ids)
+            m = {"full_attention": create_causal_mask(**_mask_kwargs(create_causal_mask, *args))}
             if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
-                m["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+                m["sliding_attention"] = create_sliding_window_causal_mask(
+                    **_mask_kwargs(create_sliding_window_causal_mask, *args))
             self._masks[key] = m
         return self._masks[key]
 

@@ -62,10 +62,19 @@ class Qwen2TranscoderConfig(Qwen2Config):
     transcoder_jumprelu_bandwidth: float = 1e-3
     transcoder_layers: Optional[list] = None
 
-    def __post_init__(self, **kwargs):
-        kwargs.pop("model_type", None)  # a release config says "qwen2"; this class is qwen2_transcoder
-        super().__post_init__(**kwargs)
-        self._check_transcoder_fields()
+    if hasattr(Qwen2Config, "__post_init__"):  # transformers 5: configs are dataclasses
+
+        def __post_init__(self, **kwargs):
+            kwargs.pop("model_type", None)  # a release config says "qwen2"; this class is qwen2_transcoder
+            super().__post_init__(**kwargs)
+            self._check_transcoder_fields()
+
+    else:  # transformers 4: keyword arguments, the class attributes above as defaults
+
+        def __init__(self, **kwargs):
+            kwargs.pop("model_type", None)
+            super().__init__(**kwargs)
+            self._check_transcoder_fields()
 
     def _check_transcoder_fields(self) -> None:
         def pos_int(name, allow_none=False):
@@ -158,6 +167,12 @@ class Qwen2ForCausalLMWithTranscoder(Qwen2ForCausalLM):
         relayout_adapters_(model)
         freeze_base_(model)
         return (model, info) if want_info else model
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """As ``PreTrainedModel``'s, non-reentrant unless told otherwise: the frozen base's inputs need
+        no gradient, and reentrant checkpointing (transformers 4's default) then gives the adapters none."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # thin conveniences (the functions in tckernels.models work on any adapted model)
 

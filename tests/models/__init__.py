@@ -19,16 +19,31 @@ TINY = dict(
 N_FEATURES = 48
 
 
+def _for_this_transformers(over: dict) -> dict:
+    """Config fields as the installed transformers takes them: transformers 4 has no
+    ``rope_parameters`` but ``rope_theta`` and ``rope_scaling``."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5 or "rope_parameters" not in over:
+        return over
+    over = dict(over)
+    rope = dict(over.pop("rope_parameters"))
+    over["rope_theta"] = rope.pop("rope_theta")
+    if rope.get("rope_type", "default") != "default":
+        over["rope_scaling"] = rope
+    return over
+
+
 def qwen2_config(**over):
     from transformers import Qwen2Config
 
-    return Qwen2Config(**{**TINY, **over})
+    return Qwen2Config(**{**TINY, **_for_this_transformers(over)})
 
 
 def transcoder_config(n_features=N_FEATURES, **over):
     from tckernels.models import Qwen2TranscoderConfig
 
-    return Qwen2TranscoderConfig(**{**TINY, "transcoder_n_features": n_features, **over})
+    return Qwen2TranscoderConfig(**{**TINY, "transcoder_n_features": n_features, **_for_this_transformers(over)})
 
 
 def plain_qwen2(seed=0, **over):
