@@ -29,8 +29,11 @@ ENVIRONMENTS = {
     "transformers457": (["transformers==4.57.1"],
                         "import transformers; assert transformers.__version__ == '4.57.1', transformers.__version__"),
     # the interpretability tools whose formats tckernels reads and writes, at the released versions
-    "circuit_tracer": (["circuit-tracer==0.5.0"],
-                       "import circuit_tracer, importlib.metadata as m; assert m.version('circuit-tracer') == '0.5.0'"),
+    # nnsight 0.8 removed a module circuit-tracer 0.5.0's nnsight backend imports; nnsight 0.7 needs a newer
+    # cloudpickle than the running environment may have
+    "circuit_tracer": (["circuit-tracer==0.5.0", "nnsight==0.7.0", "cloudpickle>=3"],
+                       "import circuit_tracer, importlib.metadata as m; assert m.version('circuit-tracer') == '0.5.0'; "
+                       "import circuit_tracer.replacement_model.replacement_model_nnsight"),
     "sparsify": (["eai-sparsify==1.3.3"],
                  "import sparsify, importlib.metadata as m; assert m.version('eai-sparsify') == '1.3.3'"),
     "saelens": (["sae-lens==6.54.12"],
