@@ -15,11 +15,23 @@ qwen25_topk           Qwen2.5-32B TopK ``transcoder_L{i}.pt``  :func:`load_qwen2
 bilinear_pythia       Pythia-410m bilinear ``.pt``             :func:`load_bilinear_pythia`             ``BilinearTranscoder``
 transcoder_adapters   transcoder-adapter weights in a          :func:`load_transcoder_adapter_weights`  ``{layer: Transcoder}``
                       Hugging Face model checkpoint
-circuit_tracer        circuit-tracer per-layer transcoders     :func:`load_circuit_tracer`,             ``Transcoder``
-                                                               :func:`save_circuit_tracer`
-                      circuit-tracer cross-layer transcoder    :func:`load_circuit_tracer_clt`,         ``CrossLayerTranscoder``
+circuit_tracer        circuit-tracer 0.5 per-layer             :func:`load_circuit_tracer`,             ``Transcoder``
+                      transcoders                              :func:`save_circuit_tracer`
+                      circuit-tracer 0.5 cross-layer           :func:`load_circuit_tracer_clt`,         ``CrossLayerTranscoder``
+                      transcoder                               :func:`save_circuit_tracer` (either),
                                                                :func:`save_circuit_tracer_clt`
+sparsify              EleutherAI sparsify 1.3 ``<hookpoint>/`` :func:`load_sparsify`,                   ``Transcoder`` (TopK)
+                      ``cfg.json`` + ``sae.safetensors``       :func:`load_sparsify_dir`,
+                      (SAEs, transcoders, skip)                :func:`save_sparsify`,
+                                                               :func:`save_sparsify_dir`
+saelens               SAELens 6 ``cfg.json`` +                 :func:`load_saelens`,                    ``Transcoder``
+                      ``sae_weights.safetensors`` (standard,   :func:`save_saelens`,
+                      topk, jumprelu, transcoders)             :func:`read_saelens_sparsity`
 ====================  =======================================  =======================================  ========================
+
+The circuit-tracer, sparsify and SAELens modules are checked against the released packages
+(circuit-tracer 0.5.0, eai-sparsify 1.3.3, sae-lens 6.54.12), in both directions; what a package's
+release cannot represent exactly is refused, never written or read as something that runs differently.
 
 Safety: nothing here runs code stored in a checkpoint. ``.pt`` files are read with
 ``torch.load(weights_only=True)``; a pickled object of a class torch does not allowlist (the
@@ -41,6 +53,8 @@ from tckernels.nn.formats.circuit_tracer import (
 )
 from tckernels.nn.formats.qwen25_topk import PreNormTranscoder, load_qwen25_topk_transcoder, load_qwen25_topk_transcoders
 from tckernels.nn.formats.reading import PickledObject, check_shape, get_key, torch_load
+from tckernels.nn.formats.saelens import load_saelens, read_saelens_sparsity, save_saelens
+from tckernels.nn.formats.sparsify import load_sparsify, load_sparsify_dir, save_sparsify, save_sparsify_dir
 from tckernels.nn.formats.tckernels_transcoder import load_transcoder, save_transcoder
 from tckernels.nn.formats.transcoder_adapters import load_transcoder_adapter_weights
 
@@ -63,4 +77,11 @@ __all__ = [
     "save_circuit_tracer",
     "load_circuit_tracer_clt",
     "save_circuit_tracer_clt",
+    "load_sparsify",
+    "load_sparsify_dir",
+    "save_sparsify",
+    "save_sparsify_dir",
+    "load_saelens",
+    "save_saelens",
+    "read_saelens_sparsity",
 ]
