@@ -207,3 +207,37 @@ def test_attribution_graph_in_release(tmp_path):
     ours[:, 0] = 0  # circuit-tracer zeroes the BOS position
     assert int((ours != 0).sum()) == info["active_features"]
     torch.testing.assert_close(graph["activation_values"], ours[layer, pos, feat], atol=1e-5, rtol=1e-5)
+
+
+def test_attribution_graph_in_release_nnsight(tmp_path):
+    """circuit-tracer's attribution with its nnsight backend on a tiny random local 2-layer Llama
+    with tckernels JumpReLU transcoders at the default hooks (post-attention norm output -> MLP
+    output there): a graph with active features, finite values, and activations equal to
+    tckernels' on what each MLP read (taken from a plain transformers copy of the model)."""
+    d = 16
+    tcs = []
+    for i in range(2):
+        tc = _fill(Transcoder(d, 64, activation="jumprelu"), seed=20 + i)
+        with torch.no_grad():
+            tc.W_enc.mul_(0.75)
+        tcs.append(tc.eval())
+    save_circuit_tracer(tcs, tmp_path / "tc", scan="tiny-scan")
+    (tmp_path / "work").mkdir()
+    info = run_script("circuit_tracer", "circuit_tracer_attribution_nnsight.py", str(tmp_path / "tc"),
+                      str(tmp_path / "work"))
+    assert (info["circuit_tracer"], info["nnsight"]) == ("0.5.0", "0.7.0")
+    assert (info["backend"], info["architecture"]) == ("nnsight", "LlamaForCausalLM")
+    assert (info["feature_input_hook"], info["feature_output_hook"]) == HOOKS
+    assert info["scan"] == "tiny-scan"
+    assert info["active_features"] > 0 and info["selected_features"] > 0 and info["logit_targets"] > 0
+    assert info["adjacency_finite"] and info["activation_values_finite"] and info["activation_values_positive"]
+    assert info["feature_to_feature_edges"] > 0
+    assert info["mlp_in_minus_unweighted_norm"] > 0.1  # the norm's weight matters, so the check below sees it
+    graph = load_file(tmp_path / "work" / "graph.safetensors")
+    layer, pos, feat = graph["active_features"].unbind(-1)
+    with torch.no_grad():
+        ours = torch.stack([_dense(tc.encode(graph["mlp_in"][i]), 64) for i, tc in enumerate(tcs)])
+    ours[:, 0] = 0  # circuit-tracer zeroes the BOS position
+    assert 0 < (ours != 0).float().mean() < 0.9
+    assert int((ours != 0).sum()) == info["active_features"]
+    torch.testing.assert_close(graph["activation_values"], ours[layer, pos, feat], atol=1e-5, rtol=1e-5)
