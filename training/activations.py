@@ -183,7 +183,8 @@ class _StopForward(Exception):
     """Raised by the last hook needed: the rest of the forward would be wasted."""
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
+def first_tensor(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden states a decoder layer or MLP is called with (positional, or ``hidden_states=``)."""
     if args and isinstance(args[0], Tensor):
         return args[0]
     if isinstance(kwargs.get("hidden_states"), Tensor):
@@ -192,6 +193,13 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
         if isinstance(v, Tensor):
             return v
     raise RuntimeError("a hooked module was called without a tensor argument")
+
+
+def with_first_tensor(args: tuple, kwargs: dict, x: Tensor) -> tuple:
+    """``(args, kwargs)`` of a module call with the hidden states :func:`first_tensor` reads replaced by ``x``."""
+    if args and isinstance(args[0], Tensor):
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": x}
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -255,7 +263,7 @@ class _Hooks:
                     key = (i, point)
                     if point in ("resid_pre", "mlp_in"):  # what the module reads: its first argument
                         h = module.register_forward_pre_hook(
-                            lambda m, args, kwargs, key=key: keep(key, _first_tensor(args, kwargs)), with_kwargs=True)
+                            lambda m, args, kwargs, key=key: keep(key, first_tensor(args, kwargs)), with_kwargs=True)
                     else:  # what it writes: its output (the first element of a tuple)
                         h = module.register_forward_hook(
                             lambda m, args, out, key=key: keep(key, out[0] if isinstance(out, (tuple, list)) else out))

@@ -47,7 +47,8 @@ from tckernels.nn.standardize import Standardization
 from tckernels.nn import metrics as M
 from training import checkpoint as ckpt
 from training import config as config_lib
-from training.activations import HOOK_POINTS, ActivationBuffer, ActivationStream, _first_tensor, load_sequences
+from training.activations import (HOOK_POINTS, ActivationBuffer, ActivationStream, first_tensor, load_sequences,
+                                  with_first_tensor)
 from training.config import ConfigError, _f
 from training.data import DataError, load_tokenizer
 from training.dictionaries import ARCHITECTURES, BILINEAR_KINDS, build_dictionary
@@ -568,13 +569,6 @@ def log_step(tr: Trainer, rec: dict, bar) -> None:
 # --------------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------------
-def _with_first(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple:
-    """(args, kwargs) of a module call with its hidden-state argument replaced by ``x``."""
-    if args and isinstance(args[0], torch.Tensor):
-        return (x, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": x}
-
-
 class _ReplacementHooks:
     """Hooks at every chosen layer's input and output points for one model forward: each point's
     value is recorded (raw), and at the layers of ``replace`` (layer positions) the output point
@@ -615,8 +609,8 @@ class _ReplacementHooks:
                 module = layer if point.startswith("resid") else layer.mlp
                 if point in ("resid_pre", "mlp_in"):  # what the module reads
                     def pre(module, args, kwargs, j=j, point=point):
-                        new = self._seen(j, point, _first_tensor(args, kwargs))
-                        return None if new is None else _with_first(args, kwargs, new)
+                        new = self._seen(j, point, first_tensor(args, kwargs))
+                        return None if new is None else with_first_tensor(args, kwargs, new)
 
                     self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
                 else:  # what it writes

@@ -366,7 +366,7 @@ def test_hook_points_train_and_are_replaced_where_they_were_read(micro, tmp_path
         module = layer if outp.startswith("resid") else layer.mlp
         if outp in ("resid_pre", "mlp_in"):
             return module.register_forward_pre_hook(
-                lambda m, a, kw: seen.__setitem__(j, T._first_tensor(a, kw)), with_kwargs=True)
+                lambda m, a, kw: seen.__setitem__(j, T.first_tensor(a, kw)), with_kwargs=True)
         return module.register_forward_hook(lambda m, a, o: seen.__setitem__(j, o[0] if isinstance(o, tuple) else o))
 
     tr.dictionary.eval()
