@@ -1,0 +1,650 @@
+"""The benchmark report: every bench/results/*.json as one markdown file and PNG figures.
+
+    python -m bench.report            # write bench/results/report.md and bench/results/report_*.png
+    python -m bench.report --readme   # ... and README.md's performance section
+    python -m bench.report --check    # exit 1 when report.md or README's section is not what the JSON gives
+
+Every result file is read as the one results format (a list of figures, each a provider at a shape
+set and mode, with its baseline, speed-up and target). Files written before their suite moved to
+that format are read through one small adapter each (``LEGACY``), so the report does not care which
+format a suite writes today; a file in neither is an error naming it.
+
+The figures need matplotlib, the ``bench`` extra: ``pip install -e ".[bench]"``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+README = ROOT / "README.md"
+REPORT = "report.md"
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+
+# The keys of one figure of the results format; an adapter fills what its file has, the rest is None.
+FIGURE_KEYS = ("family", "op", "provider", "dtype", "shape_set", "shape", "mode", "median_s", "q25_s", "q75_s",
+               "tflops", "gbps", "baseline", "speedup", "peak_bytes", "target", "target_met", "error")
+FAMILIES = ("encode", "select", "decode", "gather", "scatter", "step", "loop")
+# step and loop figures are whole training steps or model runs: one figure for all of them
+STEP_FAMILIES = ("step", "loop")
+
+
+@dataclass
+class Source:
+    """One result file, read into the results format."""
+    file: str
+    suite: str
+    device: str
+    mode: Optional[str]
+    rounds: Optional[object]  # a count, or one per shape set ("96 (tiny), 6 (gpt2)")
+    environment: dict
+    figures: List[dict] = field(default_factory=list)
+    schema: str = "results format"
+
+
+def figure(**values) -> dict:
+    """A figure of the results format. ``extra`` holds what a suite measures beyond the format's
+    keys (tokens/s, a time relative to the baseline, a note), shown where the report has a place
+    for it."""
+    unknown = set(values) - set(FIGURE_KEYS) - {"extra"}
+    if unknown:
+        raise ValueError(f"not keys of a figure: {sorted(unknown)}")
+    out = {k: values.get(k) for k in FIGURE_KEYS}
+    out["extra"] = dict(values.get("extra") or {})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------
+
+
+def _from_results_format(name: str, data: dict) -> Source:
+    return Source(name, data["suite"], data["device"], data.get("mode"), data.get("rounds"),
+                  data.get("environment", {}), [figure(**{k: f.get(k) for k in FIGURE_KEYS}) for f in data["figures"]])
+
+
+def _topk_step(name: str, data: dict) -> Source:
+    """bench/test_transcoder_step_cpu.py: one TopK training step, tckernels against two baselines."""
+    providers = {"tckernels": "tckernels", "dense": "dense_eager", "embbag": "embedding_bag"}
+    common = dict(family="step", op="topk_step", dtype=data["dtype"], shape_set="gpt2", shape=data["shape"],
+                  mode="full")
+
+    def times(v):
+        return data["step_seconds"][v]
+
+    out = []
+    for v, provider in providers.items():
+        q = statistics.quantiles(times(v), n=4)
+        stats = dict(median_s=data["median_s"][v], q25_s=q[0], q75_s=q[2], peak_bytes=data["peak_step_bytes"][v])
+        if v == "tckernels":
+            # one figure per baseline: the format compares a figure with one provider
+            for base, speedup in data["speedup_vs"].items():
+                target = data["targets"].get(base)
+                out.append(figure(**common, provider=provider, baseline=providers[base], speedup=speedup,
+                                  target=target, target_met=None if target is None else speedup >= target, **stats))
+        else:
+            out.append(figure(**common, provider=provider, **stats))
+    return Source(name, "transcoder_step", "cpu", None, data["rounds"], data["environment"], out, "legacy")
+
+
+def _adapter_overhead(name: str, data: dict) -> Source:
+    """bench/test_adapter_overhead.py: a Qwen2 with adapters against the plain model, forward and generate."""
+    l0 = {v: statistics.fmean(per_layer.values()) for v, per_layer in data.get("l0_per_layer", {}).items()}
+    m = data["shape"]
+    shape = {"D": m["hidden_size"], "N": data["n_features"], "layers": m["num_hidden_layers"]}
+    out = []
+    for kind in ("forward", "generate"):
+        r = data[kind]
+        for v, median in r["median_s"].items():
+            q = statistics.quantiles(r["seconds"][v], n=4)
+            ratio = r["time_vs_plain"].get(v)
+            extra = {"time_vs_baseline": ratio} if ratio is not None else {}
+            if v in l0:
+                extra["l0"] = l0[v]
+            # the suite records time / plain (the overhead); the format's speed-up is its inverse
+            out.append(figure(family="step", op=f"adapter_{kind}", provider=v, dtype=data["dtype"],
+                              shape_set="adapter", shape=shape,
+                              mode=kind, median_s=median, q25_s=q[0], q75_s=q[2],
+                              baseline=None if v == "plain" else "plain",
+                              speedup=None if ratio is None else 1 / ratio, extra=extra))
+    return Source(name, "adapter_overhead", data["device"], None, data["rounds"], data["environment"], out, "legacy")
+
+
+def _trainer(name: str, data: dict) -> Source:
+    """bench/test_transcoder_trainer.py: the transcoder loop against the same loop in dense PyTorch."""
+    providers = {"trainer": "tckernels", "dense": "dense_eager"}
+    out = []
+    rounds = {}
+    for shape_set, r in data["shapes"].items():
+        rounds[shape_set] = r["rounds"]
+        c = r["config"]
+        shape = {"M": c["batch_tokens"], "D": c["d_in"], "N": c["n_features"], "k": c["k"], "layers": len(c["layers"])}
+        for v, provider in providers.items():
+            q = statistics.quantiles(r["step_seconds"][v], n=4)
+            extra = {"tokens_per_s": r["tokens_per_s"][v], "activation_share": r["activation_share"][v],
+                     "rounds": r["rounds"]}
+            ours = v == "trainer"
+            out.append(figure(family="loop", op="transcoder_trainer", provider=provider, dtype=c["dtype"],
+                              shape_set=shape_set, shape=shape, mode="full", median_s=r["median_step_s"][v],
+                              q25_s=q[0], q75_s=q[2], baseline="dense_eager" if ours else None,
+                              speedup=r["speedup"] if ours else None, target=r["target"] if ours else None,
+                              target_met=r["target_met"] if ours else None, extra=extra))
+    # the shape sets ran different numbers of rounds: each figure has its own
+    return Source(name, "transcoder_trainer", "cpu", data.get("mode"),
+                  ", ".join(f"{n} ({s})" for s, n in rounds.items()), data["environment"], out, "legacy")
+
+
+GPU_SUITES = ("gpu_kernels", "gpu_transcoder_step")
+GPU_FAMILY = {"topk_relu": "select", "encode_topk": "encode", "gather_matmul": "gather", "gather_dot": "gather",
+              "scatter_matmul": "scatter", "sparse_decode": "decode", "transcoder_step": "step"}
+
+
+def _gpu_figures(name: str, data: dict) -> Source:
+    """bench/gpu.py's Figures (bench/test_gpu_kernels.py, bench/test_gpu_transcoder_step.py): one row
+    per (op, figure, backend); only speed-up rows are speed-ups, the others (a time or memory
+    fraction, a fraction of copy bandwidth) keep their own figure as a note."""
+    out = []
+    for r in data["figures"]:
+        backend = r.get("backend")
+        provider = f"tckernels[{backend}]" if backend else r["op"]
+        medians = r.get("median_seconds") or {}
+        target = None
+        if r.get("target"):
+            target = float(r["target"].split()[-1])
+        met = {"pass": True, "miss": False}.get(r["status"])
+        measured = r.get("measured")
+        values = dict(family=GPU_FAMILY.get(r["op"], r["op"].split("_")[0]), op=r["op"], provider=provider,
+                      dtype=data.get("dtype"), shape=r["shape"], mode="full" if r["op"] == "transcoder_step"
+                      else "forward", median_s=medians.get(backend), baseline=r.get("baseline"),
+                      extra={"note": r["note"]} if r.get("note") else {})
+        if r["figure"].startswith("speed-up") and measured is not None:
+            values.update(speedup=measured, target=target, target_met=met)
+        elif measured is not None:
+            values["extra"]["figure"] = f"{r['figure']} = {measured:.3g} ({r['target'] or 'no target'}, {r['status']})"
+        peak = r.get("peak_bytes")
+        if isinstance(peak, dict):
+            values["peak_bytes"] = peak.get(backend)
+        nbytes = r.get("bytes_moved")
+        if nbytes is not None and values["median_s"]:
+            values["gbps"] = nbytes / values["median_s"] / 1e9
+        out.append(figure(**values))
+    stem = Path(name).stem
+    # a device label may hold underscores (NVIDIA_H200): the suite is the known part
+    suite = next((x for x in GPU_SUITES if stem.startswith(x + "_")), stem.rpartition("_")[0])
+    device = stem[len(suite) + 1:]
+    for e in data.get("errors", []):
+        out.append(figure(family="step" if "step" in suite else "encode", op=suite, provider="?", error=e))
+    return Source(name, suite, device, data.get("mode"), data.get("rounds"), data.get("environment", {}), out, "legacy")
+
+
+# Files written in a schema of their own, before their suite moved to the results format.
+LEGACY: Dict[str, Callable[[str, dict], Source]] = {
+    "cpu_transcoder_step.json": _topk_step,
+    "adapter_overhead_cpu.json": _adapter_overhead,
+    "transcoder_trainer.json": _trainer,
+}
+
+
+def read(path: Path) -> Source:
+    data = json.loads(path.read_text())
+    try:
+        if "suite" in data and "figures" in data:  # a ported suite keeps its file name: the format wins
+            return _from_results_format(path.name, data)
+        if path.name in LEGACY:
+            return LEGACY[path.name](path.name, data)
+        if isinstance(data.get("figures"), list) and all("measured" in r for r in data["figures"]):
+            return _gpu_figures(path.name, data)
+    except (KeyError, TypeError, ValueError, statistics.StatisticsError) as e:
+        raise SystemExit(f"bench.report: {path}: not the schema expected of it ({type(e).__name__}: {e})") from None
+    raise SystemExit(f"bench.report: {path}: neither the results format (suite + figures) nor a known legacy file "
+                     f"({', '.join(sorted(LEGACY))})")
+
+
+def load(results: Path = RESULTS) -> List[Source]:
+    return [read(p) for p in sorted(results.glob("*.json"))]
+
+
+# ------------------------------------------------------------------------------------------------
+# formatting
+# ------------------------------------------------------------------------------------------------
+
+DASH = "—"
+
+
+def fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return DASH
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"
+
+
+def fmt_bytes(b: Optional[int]) -> str:
+    if b is None:
+        return DASH
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def fmt_x(v: Optional[float]) -> str:
+    return DASH if v is None else f"{v:.2f}×"
+
+
+def fmt_target(f: dict) -> str:
+    return DASH if f["target"] is None else f"≥ {f['target']:g}×"
+
+
+def fmt_met(f: dict) -> str:
+    return {True: "yes", False: "**no**", None: DASH}[f["target_met"]]
+
+
+def fmt_speedup(f: dict) -> str:
+    """A speed-up with its target, bold when it meets it: the README's cells."""
+    if f["speedup"] is None:
+        return DASH
+    cell = f"**{fmt_x(f['speedup'])}**" if f["target_met"] else fmt_x(f["speedup"])
+    if f["target"] is not None:
+        cell += f" (target {fmt_target(f)}{'' if f['target_met'] else ', missed'})"
+    return cell
+
+
+def fmt_num(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+def fmt_throughput(f: dict) -> str:
+    parts = []
+    if f["tflops"] is not None:
+        parts.append(f"{fmt_num(f['tflops'])} TFLOP/s")
+    if f["gbps"] is not None:
+        parts.append(f"{fmt_num(f['gbps'])} GB/s")
+    return ", ".join(parts) or DASH
+
+
+def fmt_shape(shape: Optional[dict]) -> str:
+    return DASH if not shape else " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def table(header: List[str], rows: Iterable[List[str]]) -> List[str]:
+    rows = list(rows)
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)]
+
+
+def all_figures(sources: List[Source]) -> List[dict]:
+    return [{**f, "source": s.file} for s in sources for f in s.figures]
+
+
+def families(sources: List[Source]) -> List[str]:
+    present = {f["family"] for f in all_figures(sources)}
+    return [x for x in FAMILIES if x in present] + sorted(present - set(FAMILIES))
+
+
+def figure_file(family: str) -> str:
+    return f"report_{family}.png"
+
+
+STEPS_FIGURE = "report_steps.png"
+
+
+def plotted(sources: List[Source]) -> List[str]:
+    """The PNG files the report shows, in its order."""
+    names = [figure_file(x) for x in families(sources) if x not in STEP_FAMILIES]
+    if any(f["family"] in STEP_FAMILIES for f in all_figures(sources)):
+        names.append(STEPS_FIGURE)
+    return names
+
+
+# ------------------------------------------------------------------------------------------------
+# report.md
+# ------------------------------------------------------------------------------------------------
+
+
+def family_table(figs: List[dict]) -> List[str]:
+    header = ["op", "provider", "dtype", "shape set", "shape", "mode", "median", "q25–q75", "TFLOP/s · GB/s",
+              "baseline", "speed-up", "target", "met", "peak memory", "file"]
+    rows = []
+    for f in figs:
+        q = DASH if f["q25_s"] is None else f"{fmt_time(f['q25_s'])}–{fmt_time(f['q75_s'])}"
+        note = f["error"] and f"error: {f['error']}"
+        note = note or f["extra"].get("figure") or f["extra"].get("note")
+        rows.append([f["op"], f["provider"], f["dtype"] or DASH, f["shape_set"] or DASH, fmt_shape(f["shape"]),
+                     f["mode"] or DASH, fmt_time(f["median_s"]), q, fmt_throughput(f), f["baseline"] or DASH,
+                     fmt_x(f["speedup"]), fmt_target(f), fmt_met(f), fmt_bytes(f["peak_bytes"]),
+                     f"`{f['source']}`" + (f" ({note})" if note else "")])
+    return table(header, rows)
+
+
+def environment_table(sources: List[Source]) -> List[str]:
+    keys = ["device", "mode", "rounds", "python", "torch", "triton", "tckernels", "cpu", "threads", "gpu", "driver",
+            "cuda", "commit"]
+    rows = []
+    for s in sources:
+        env = s.environment
+        commit = env.get("git_commit")
+        commit = DASH if not commit else commit[:10] + (" (dirty)" if env.get("git_dirty") else "")
+        values = {"device": s.device, "mode": s.mode, "rounds": s.rounds, "commit": commit, **{
+            k: env.get(k) for k in keys if k not in ("device", "mode", "rounds", "commit")}}
+        rows.append([f"`{s.file}` ({s.schema})"] + [DASH if values[k] is None else str(values[k]) for k in keys])
+    return table(["file"] + keys, rows)
+
+
+def report_md(sources: List[Source]) -> str:
+    lines = ["# Benchmark report", "",
+             "Generated by `python -m bench.report` from `bench/results/*.json`; do not edit by hand. Each "
+             "speed-up is the median over interleaved rounds of the within-round ratio baseline time / this "
+             "time; a missed target is reported, not failed.", ""]
+    figs = all_figures(sources)
+    fams = families(sources)
+    for fam in fams:
+        lines += [f"## {fam}", ""]
+        lines += family_table([f for f in figs if f["family"] == fam])
+        if fam not in STEP_FAMILIES:
+            lines += ["", f"![{fam}]({figure_file(fam)})"]
+        elif fam == [x for x in fams if x in STEP_FAMILIES][-1]:  # one figure for all steps and loops
+            lines += ["", f"![steps and loops]({STEPS_FIGURE})"]
+        lines.append("")
+    lines += ["## Environment", ""] + environment_table(sources) + [""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# README's section
+# ------------------------------------------------------------------------------------------------
+
+LABELS = {
+    "tckernels": "tckernels", "dense_eager": "dense eager", "embedding_bag": "`F.embedding_bag` decoder",
+    "off": "off", "sparse": "ReLU, L0≈{l0:.0f}", "topk": "TopK k=8", "init": "ReLU at init, L0≈{l0:.0f}",
+    "seed_dense": "the original's dense formula",
+}
+SHAPE_SET_LABELS = {"tiny": "tiny default", "gpt2": "GPT-2 shape", "adapter": "adapter"}
+
+
+def label(f: dict) -> str:
+    text = LABELS.get(f["provider"], f["provider"])
+    try:
+        return text.format(**f["extra"])
+    except KeyError:  # a figure without the value its label names (an L0 not recorded)
+        return text.split(",")[0]
+
+
+def _caption(figs: List[dict], sources: List[Source], what: str) -> str:
+    files = sorted({f["source"] for f in figs})
+    by_file = {s.file: s for s in sources}
+    per_set = {f["shape_set"]: f["extra"].get("rounds") for f in figs if f["extra"].get("rounds")}
+    rounds = [f"{n} ({s})" for s, n in per_set.items()] if len(set(per_set.values())) > 1 else \
+        list(dict.fromkeys(str(by_file[x].rounds) for x in files if by_file[x].rounds is not None))
+    env = by_file[files[0]].environment
+    device = by_file[files[0]].device
+    return (f"{what}: {', '.join(f'`bench/results/{x}`' for x in files)}, {device}, "
+            f"{env.get('threads', '?')} threads, torch {env.get('torch', '?')}; median over "
+            f"{', '.join(rounds)} interleaved rounds.")
+
+
+def readme_step_table(figs: List[dict], sources: List[Source]) -> List[str]:
+    """One op of the step family with one shape set: a column per provider."""
+    ours = [f for f in figs if f["baseline"] is not None]
+    providers = list(dict.fromkeys([f["provider"] for f in ours] + [f["provider"] for f in figs]))
+    first = {p: next(f for f in figs if f["provider"] == p) for p in providers}
+    speedups = {f["baseline"]: fmt_speedup(f) for f in ours}
+    lines = [_caption(figs, sources, f"`{figs[0]['op']}`, {figs[0]['dtype']}, {fmt_shape(figs[0]['shape'])}"), ""]
+    lines += table([""] + [label(first[p]) for p in providers], [
+        ["median step"] + [fmt_time(first[p]["median_s"]) for p in providers],
+        [f"speed-up of {label(ours[0])}" if ours else "speed-up"] + [speedups.get(p, DASH) for p in providers],
+        ["peak memory of a step"] + [fmt_bytes(first[p]["peak_bytes"]) for p in providers],
+    ])
+    return lines
+
+
+def readme_loop_table(figs: List[dict], sources: List[Source]) -> List[str]:
+    """A loop measured at several shape sets: a column per shape set."""
+    sets = list(dict.fromkeys(f["shape_set"] for f in figs))
+    providers = list(dict.fromkeys(f["provider"] for f in figs))
+    cell = {(f["shape_set"], f["provider"]): f for f in figs}
+    ours = [p for p in providers if any(cell[s, p]["baseline"] for s in sets if (s, p) in cell)]
+
+    def row(name, p, fmt):
+        return [name] + [fmt(cell[s, p]) if (s, p) in cell else DASH for s in sets]
+
+    rows = [row(f"{label(cell[next(s for s in sets if (s, p) in cell), p])} tokens/s", p,
+                lambda f: DASH if f["extra"].get("tokens_per_s") is None else f"{f['extra']['tokens_per_s']:,.0f}")
+            for p in providers]
+    for p in ours:
+        rows.append(row(f"speed-up of {label(cell[next(s for s in sets if (s, p) in cell), p])}", p, fmt_speedup))
+        rows.append(row(f"{label(cell[next(s for s in sets if (s, p) in cell), p])}: share of time making activations", p, lambda f: DASH if f["extra"].get(
+            "activation_share") is None else f"{100 * f['extra']['activation_share']:.0f}%"))
+    lines = [_caption(figs, sources, f"`{figs[0]['op']}`, {figs[0]['dtype']}"), ""]
+    return lines + table([figs[0]["op"]] + [SHAPE_SET_LABELS.get(s, s) for s in sets], rows)
+
+
+def readme_overhead_table(figs: List[dict], sources: List[Source]) -> List[str]:
+    """Adapters against the plain model: time relative to it, a column per provider, a row per mode."""
+    compared = [f for f in figs if f["baseline"]]
+    providers = list(dict.fromkeys(f["provider"] for f in compared))
+    modes = list(dict.fromkeys(f["mode"] for f in compared))
+    cell = {(f["mode"], f["provider"]): f for f in compared}
+    first = {p: next(f for f in compared if f["provider"] == p) for p in providers}
+    baseline = compared[0]["baseline"]
+
+    def ratio(f):
+        r = f["extra"].get("time_vs_baseline", None if not f["speedup"] else 1 / f["speedup"])
+        return fmt_x(r)
+
+    lines = [_caption(figs, sources, f"adapter overhead, time relative to `{baseline}`, {figs[0]['dtype']}, "
+                                     f"{fmt_shape(figs[0]['shape'])}"), ""]
+    return lines + table(["adapters"] + [label(first[p]) for p in providers],
+                         [[m] + [ratio(cell[m, p]) if (m, p) in cell else DASH for p in providers] for m in modes])
+
+
+def readme_family_table(figs: List[dict]) -> List[str]:
+    """An op family of the results format: its figures with a target (the headline ones)."""
+    headline = [f for f in figs if f["target"] is not None] or [f for f in figs if f["speedup"] is not None]
+    return table(["op", "provider", "shape set", "mode", "median", "vs", "speed-up", "peak memory"], [
+        [f["op"], f["provider"], f["shape_set"] or fmt_shape(f["shape"]), f["mode"] or DASH, fmt_time(f["median_s"]),
+         f["baseline"] or DASH, fmt_speedup(f), fmt_bytes(f["peak_bytes"])] for f in headline])
+
+
+def readme_section(sources: List[Source]) -> str:
+    figs = all_figures(sources)
+    lines = [BEGIN, "<!-- generated by `python -m bench.report --readme` from bench/results/*.json -->", ""]
+    ops = list(dict.fromkeys(f["op"] for f in figs if f["family"] in STEP_FAMILIES))
+    for op in ops:
+        these = [f for f in figs if f["op"] == op]
+        if op.startswith("adapter_"):
+            continue  # both modes in one table below
+        if any("tokens_per_s" in f["extra"] for f in these):
+            lines += readme_loop_table(these, sources)
+        else:
+            for s in dict.fromkeys(f["shape_set"] for f in these):
+                lines += readme_step_table([f for f in these if f["shape_set"] == s], sources)
+        lines.append("")
+    adapters = [f for f in figs if f["op"].startswith("adapter_")]
+    if adapters:
+        lines += readme_overhead_table(adapters, sources) + [""]
+    for fam in families(sources):
+        if fam in STEP_FAMILIES:
+            continue
+        these = [f for f in figs if f["family"] == fam]
+        files = sorted({f["source"] for f in these})
+        lines += [f"`{fam}` ({', '.join(f'`bench/results/{x}`' for x in files)}):", ""]
+        lines += readme_family_table(these) + [""]
+    pngs = " · ".join(f"[{p[len('report_'):-len('.png')]}](bench/results/{p})" for p in plotted(sources))
+    lines += [f"Every figure, its environment and plots: [bench/results/report.md](bench/results/report.md) "
+              f"(figures: {pngs}).", END]
+    return "\n".join(lines)
+
+
+def replace_section(readme: str, section: str) -> str:
+    if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
+        raise SystemExit(f"bench.report: README.md must have one {BEGIN} ... {END} pair")
+    head, rest = readme.split(BEGIN)
+    return head + section + rest.split(END, 1)[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit('bench.report: the figures need matplotlib, the "bench" extra: '
+                         'pip install -e ".[bench]"') from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bars(ax, groups: List[str], series: Dict[str, Dict[str, float]], ylabel: str, title: str,
+          ref: Optional[float] = None) -> None:
+    """Grouped bars: a group per entry of ``groups``, a bar per series."""
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [values.get(g, 0) for g in groups], width, label=name)
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    if ref is not None:
+        ax.axhline(ref, color="grey", lw=0.8, ls="--")
+    if series:
+        ax.legend(fontsize=6)
+
+
+def _group(f: dict) -> str:
+    return " ".join(x for x in (f["op"], f["shape_set"] or fmt_shape(f["shape"]), f["mode"]) if x)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    # no timestamp or version in the file: the same JSON gives the same bytes
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+
+
+def plot_family(plt, figs: List[dict], family: str, path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ok = [f for f in figs if f["speedup"] is not None]
+    groups = list(dict.fromkeys(_group(f) for f in ok))
+    series: Dict[str, Dict[str, float]] = {}
+    for f in ok:
+        series.setdefault(f"{f['provider']} vs {f['baseline']}", {})[_group(f)] = f["speedup"]
+    _bars(left, groups, series, "speed-up (×)", f"{family}: speed-up vs baseline", ref=1.0)
+    mem = [f for f in figs if f["peak_bytes"] is not None]
+    groups = list(dict.fromkeys(_group(f) for f in mem))
+    series = {}
+    for f in mem:
+        series.setdefault(f["provider"], {})[_group(f)] = f["peak_bytes"] / 2**20
+    _bars(right, groups, series, "MiB", f"{family}: peak memory")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_steps(plt, figs: List[dict], path: Path) -> None:
+    """A panel per op: tokens/s where the suite counts tokens, time relative to the baseline where it
+    measures an overhead, the speed-up otherwise."""
+    def panel(f):  # an op timed in several modes (adapter_forward, adapter_generate) is one panel
+        suffix = f"_{f['mode']}"
+        return f["op"][:-len(suffix)] if f["mode"] and f["op"].endswith(suffix) else f["op"]
+
+    ops = list(dict.fromkeys(panel(f) for f in figs))
+    fig, axes = plt.subplots(1, len(ops), figsize=(3.3 * len(ops), 3.4), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        these = [f for f in figs if panel(f) == op]
+        series: Dict[str, Dict[str, float]] = {}
+        if any("tokens_per_s" in f["extra"] for f in these):
+            metric, ylabel, ref = (lambda f: f["extra"].get("tokens_per_s")), "tokens/s", None
+            key, group = (lambda f: f["provider"]), (lambda f: f["shape_set"])
+        elif any("time_vs_baseline" in f["extra"] for f in these):
+            metric, ylabel, ref = (lambda f: f["extra"].get("time_vs_baseline")), "time / baseline", 1.0
+            key, group = (lambda f: f["provider"]), (lambda f: f["mode"])
+        else:
+            metric, ylabel, ref = (lambda f: f["speedup"]), "speed-up (×)", 1.0
+            key, group = (lambda f: f"{f['provider']} vs {f['baseline']}"), (lambda f: f["shape_set"] or f["mode"])
+        for f in these:
+            if metric(f) is not None:
+                series.setdefault(key(f), {})[group(f)] = metric(f)
+        groups = list(dict.fromkeys(g for values in series.values() for g in values))
+        _bars(ax, groups, series, ylabel, op, ref=ref)
+        if ylabel == "tokens/s":  # shape sets differ by orders of magnitude
+            ax.set_yscale("log")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def write_figures(sources: List[Source], out: Path) -> List[Path]:
+    plt = _pyplot()
+    figs = all_figures(sources)
+    written = []
+    for fam in families(sources):
+        if fam not in STEP_FAMILIES:
+            written.append(out / figure_file(fam))
+            plot_family(plt, [f for f in figs if f["family"] == fam], fam, written[-1])
+    steps = [f for f in figs if f["family"] in STEP_FAMILIES]
+    if steps:
+        written.append(out / STEPS_FIGURE)
+        plot_steps(plt, steps, written[-1])
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+
+
+def check(results: Path, readme: Optional[Path]) -> List[str]:
+    """What is out of date with the JSON in ``results``: report.md, its PNGs, README's section."""
+    sources = load(results)
+    stale = []
+    report = results / REPORT
+    if not report.exists() or report.read_text() != report_md(sources):
+        stale.append(str(report))
+    stale += [str(results / p) for p in plotted(sources) if not (results / p).exists()]
+    if readme is not None:
+        text = readme.read_text()
+        if replace_section(text, readme_section(sources)) != text:
+            stale.append(f"{readme} (between {BEGIN} and {END})")
+    return stale
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSON (default: bench/results)")
+    p.add_argument("--readme", nargs="?", const=README, type=Path, default=None,
+                   help="also rewrite the performance section of this README (default README.md)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if report.md (or, with --readme, README's section) is out of date")
+    args = p.parse_args(argv)
+    if args.check:
+        stale = check(args.results, args.readme if args.readme else (README if args.results == RESULTS else None))
+        if stale:
+            print("out of date with the JSON (run python -m bench.report --readme):\n  " + "\n  ".join(stale))
+            return 1
+        print("bench.report: up to date")
+        return 0
+    sources = load(args.results)
+    written = write_figures(sources, args.results)
+    (args.results / REPORT).write_text(report_md(sources))
+    written.insert(0, args.results / REPORT)
+    if args.readme:
+        args.readme.write_text(replace_section(args.readme.read_text(), readme_section(sources)))
+        written.append(args.readme)
+    for w in written:
+        print(f"wrote {w}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
