@@ -215,48 +215,5 @@ def test_missing_modules_and_paths_are_caught(at_root):
     ]
     assert reference_problems("```bash\npython -m training.train\nbash scripts/gpu_kit.sh --plan\n```\n") == []
 
-
-# ------------------------------------------------------------------------------------------------
-# README's benchmark figures are the committed results', not typed by hand
-# ------------------------------------------------------------------------------------------------
-
-
-def _row(text: str, label: str) -> list:
-    """The cells after the label of the README table row that starts with ``| label |``."""
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0] == label:
-            return cells[1:]
-    raise AssertionError(f"README has no table row {label!r}")
-
-
-def test_the_benchmark_tables_are_the_committed_results():
-    import json
-    import re
-
-    text = (ROOT / "README.md").read_text()
-    step = json.loads((ROOT / "bench" / "results" / "cpu_transcoder_step.json").read_text())
-    order = ("tckernels", "dense", "embbag")
-    assert _row(text, "median step") == [f"{step['median_s'][v]:.2f} s" for v in order]
-    speedups = [re.search(r"\*\*([\d.]+)×\*\*", c).group(1) for c in _row(text, "speed-up of tckernels")[1:]]
-    assert speedups == [f"{step['speedup_vs'][v]:.2f}" for v in order[1:]]
-    peaks = _row(text, "peak memory of a step (RSS over params)")
-    assert peaks == [f"{step['peak_step_bytes'][v] / 2**20:.0f} MiB" for v in order]
-    assert f"median over {step['rounds']} interleaved rounds" in text
-
-    overhead = json.loads((ROOT / "bench" / "results" / "adapter_overhead_cpu.json").read_text())
-    columns = ("off", "sparse", "topk", "seed_dense")
-    for kind in ("forward", "generate"):
-        assert _row(text, kind) == [f"{overhead[kind]['time_vs_plain'][v]:.2f}×" for v in columns], kind
-    assert f"median over {overhead['rounds']} interleaved rounds" in text
-
-    trainer = json.loads((ROOT / "bench" / "results" / "transcoder_trainer.json").read_text())["shapes"]
-    shapes = ("tiny", "gpt2")
-    assert _row(text, "trainer tokens/s") == [f"{trainer[k]['tokens_per_s']['trainer']:,.0f}" for k in shapes]
-    assert _row(text, "dense loop tokens/s") == [f"{trainer[k]['tokens_per_s']['dense']:,.0f}" for k in shapes]
-    cells = _row(text, "speed-up of the trainer")
-    assert [re.search(r"([\d.]+)×", c).group(1) for c in cells] == [f"{trainer[k]['speedup']:.2f}" for k in shapes]
-    assert _row(text, "share of the trainer's time making activations") == [
-        f"{100 * trainer[k]['activation_share']['trainer']:.0f}%" for k in shapes]
-    assert (f"Median over {trainer['tiny']['rounds']} (tiny) and {trainer['gpt2']['rounds']} (GPT-2)\ninterleaved "
-            "rounds") in text
+# README's benchmark tables are generated from bench/results/*.json by bench.report; that they are
+# current is tests/test_bench_report.py's check.

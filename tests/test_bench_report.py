@@ -1,0 +1,227 @@
+"""bench.report: the report, its plots and README's performance section come from the result JSON,
+in the results format and in the legacy files' own schemas."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+LEGACY = ("cpu_transcoder_step.json", "adapter_overhead_cpu.json", "transcoder_trainer.json")
+ENV = {"python": "3.11.7", "torch": "2.13.0+cpu", "tckernels": "0.1.0", "cpu": "x86_64", "threads": 2,
+       "triton": "3.6.0", "git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False}
+
+
+def _fig(**kw):
+    base = {k: None for k in report.FIGURE_KEYS if k != "error"}
+    base.update(dtype="float32", mode="forward")
+    base.update(kw)
+    return base
+
+
+def ops_cpu() -> dict:
+    """An ops suite's file as bench.conftest.write_result writes it."""
+    gpt2 = {"M": 2048, "D": 768, "N": 24576, "k": 32}
+    return {"environment": ENV, "suite": "ops", "device": "cpu", "mode": "quick", "rounds": 5, "figures": [
+        _fig(family="encode", op="encode_topk", provider="dense_eager", shape_set="gpt2", shape=gpt2,
+             median_s=0.0412, q25_s=0.0400, q75_s=0.0430, tflops=1.88, peak_bytes=268435456),
+        _fig(family="encode", op="encode_topk", provider="tckernels[cpu]", shape_set="gpt2", shape=gpt2,
+             median_s=0.0163, q25_s=0.0160, q75_s=0.0170, tflops=4.74, baseline="dense_eager", speedup=2.53,
+             peak_bytes=67108864, target=2.0, target_met=True),
+        _fig(family="encode", op="encode_topk", provider="tckernels[cpu]", shape_set="tiny",
+             shape={"M": 64, "D": 64, "N": 1024, "k": 16}, mode="backward", median_s=0.000212, q25_s=0.0002,
+             q75_s=0.00023, baseline="dense_eager", speedup=0.91, target=1.0, target_met=False),
+        _fig(family="decode", op="sparse_decode", provider="embedding_bag", shape_set="gpt2", shape=gpt2,
+             median_s=0.0051, gbps=12.5, peak_bytes=8388608),
+        _fig(family="decode", op="sparse_decode", provider="tckernels[cpu]", shape_set="gpt2", shape=gpt2,
+             median_s=0.0034, gbps=18.8, baseline="embedding_bag", speedup=1.5, peak_bytes=6291456),
+        {**{k: None for k in report.FIGURE_KEYS}, "family": "decode", "op": "sparse_decode", "provider": "sparsify",
+         "dtype": "float32", "shape_set": "gpt2", "shape": gpt2, "mode": "forward",
+         "error": "ImportError: no module named sparsify"},
+    ]}
+
+
+@pytest.fixture
+def results(tmp_path):
+    """Both formats: an ops file in the results format and the committed legacy files."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "ops_cpu.json").write_text(json.dumps(ops_cpu(), indent=2))
+    for name in LEGACY:
+        shutil.copy(RESULTS / name, out / name)
+    return out
+
+
+def rows(markdown: str, first: str) -> list:
+    """The cells of every table row of ``markdown`` whose first cell is ``first``."""
+    out = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cells[0] == first:
+                out.append(cells)
+    return out
+
+
+def test_results_format_rows(results):
+    md = report.report_md(report.load(results))
+    encode = rows(md, "encode_topk")
+    assert encode == [
+        ["encode_topk", "dense_eager", "float32", "gpt2", "M=2048 D=768 N=24576 k=32", "forward", "41.2 ms",
+         "40 ms–43 ms", "1.88 TFLOP/s", "—", "—", "—", "—", "256 MiB", "`ops_cpu.json`"],
+        ["encode_topk", "tckernels[cpu]", "float32", "gpt2", "M=2048 D=768 N=24576 k=32", "forward", "16.3 ms",
+         "16 ms–17 ms", "4.74 TFLOP/s", "dense_eager", "2.53×", "≥ 2×", "yes", "64 MiB", "`ops_cpu.json`"],
+        ["encode_topk", "tckernels[cpu]", "float32", "tiny", "M=64 D=64 N=1024 k=16", "backward", "212 µs",
+         "200 µs–230 µs", "—", "dense_eager", "0.91×", "≥ 1×", "**no**", "—", "`ops_cpu.json`"],
+    ]
+    decode = rows(md, "sparse_decode")
+    assert [r[1] for r in decode] == ["embedding_bag", "tckernels[cpu]", "sparsify"]
+    assert decode[1][8] == "18.8 GB/s" and decode[1][10] == "1.50×" and decode[1][12] == "—"
+    assert decode[2][-1] == "`ops_cpu.json` (error: ImportError: no module named sparsify)"
+    # a family per section, in the format's order, before the steps
+    assert [line for line in md.splitlines() if line.startswith("## ")] == [
+        "## encode", "## decode", "## step", "## loop", "## Environment"]
+
+
+def test_legacy_rows(results):
+    step = json.loads((results / "cpu_transcoder_step.json").read_text())
+    md = report.report_md(report.load(results))
+    topk = rows(md, "topk_step")
+    assert [(r[1], r[9], r[10], r[11], r[12]) for r in topk] == [
+        ("tckernels", "dense_eager", f"{step['speedup_vs']['dense']:.2f}×", "≥ 4×", "yes"),
+        ("tckernels", "embedding_bag", f"{step['speedup_vs']['embbag']:.2f}×", "≥ 1.7×", "yes"),
+        ("dense_eager", "—", "—", "—", "—"),
+        ("embedding_bag", "—", "—", "—", "—"),
+    ]
+    assert [r[13] for r in topk] == [f"{step['peak_step_bytes'][v] / 2**20:.0f} MiB"
+                                     for v in ("tckernels", "tckernels", "dense", "embbag")]
+    assert topk[2][6] == f"{step['median_s']['dense']:.2f} s"
+
+    trainer = json.loads((results / "transcoder_trainer.json").read_text())["shapes"]
+    loop = rows(md, "transcoder_trainer")
+    assert [(r[1], r[3], r[10]) for r in loop] == [
+        ("tckernels", "tiny", f"{trainer['tiny']['speedup']:.2f}×"), ("dense_eager", "tiny", "—"),
+        ("tckernels", "gpt2", f"{trainer['gpt2']['speedup']:.2f}×"), ("dense_eager", "gpt2", "—")]
+
+    # the adapters' speed-up is the inverse of the overhead the suite records
+    overhead = json.loads((results / "adapter_overhead_cpu.json").read_text())
+    forward = {r[1]: r for r in rows(md, "adapter_forward")}
+    assert forward["sparse"][10] == f"{1 / overhead['forward']['time_vs_plain']['sparse']:.2f}×"
+    assert forward["plain"][9] == "—" and forward["topk"][9] == "plain"
+
+    env = {r[0]: r for r in rows(md, "`transcoder_trainer.json` (legacy)")}
+    assert env, "no environment row"
+    assert rows(md, "`ops_cpu.json` (results format)")[0][1:] == [
+        "cpu", "quick", "5", "3.11.7", "2.13.0+cpu", "3.6.0", "0.1.0", "x86_64", "2", "—", "—", "—", "0123456789"]
+
+
+def test_readme_section_has_the_figures(results):
+    sources = report.load(results)
+    section = report.readme_section(sources)
+    assert section.startswith(report.BEGIN) and section.endswith(report.END)
+    step = json.loads((results / "cpu_transcoder_step.json").read_text())
+    assert rows(section, "median step")[0][1:] == [f"{step['median_s'][v]:.2f} s" for v in ("tckernels", "dense", "embbag")]
+    assert rows(section, "speed-up of tckernels")[0][1:] == [
+        "—", f"**{step['speedup_vs']['dense']:.2f}×** (target ≥ 4×)", f"**{step['speedup_vs']['embbag']:.2f}×** (target ≥ 1.7×)"]
+    assert f"median over {step['rounds']} interleaved rounds" in section
+
+    trainer = json.loads((results / "transcoder_trainer.json").read_text())["shapes"]
+    assert rows(section, "tckernels tokens/s")[0][1:] == [f"{trainer[s]['tokens_per_s']['trainer']:,.0f}" for s in ("tiny", "gpt2")]
+    assert rows(section, "dense eager tokens/s")[0][1:] == [f"{trainer[s]['tokens_per_s']['dense']:,.0f}" for s in ("tiny", "gpt2")]
+    assert rows(section, "tckernels: share of time making activations")[0][1:] == [
+        f"{100 * trainer[s]['activation_share']['trainer']:.0f}%" for s in ("tiny", "gpt2")]
+    assert (f"median over {trainer['tiny']['rounds']} (tiny), {trainer['gpt2']['rounds']} (gpt2) interleaved rounds"
+            in section)
+
+    overhead = json.loads((results / "adapter_overhead_cpu.json").read_text())
+    assert rows(section, "adapters")[0][1:] == ["off", "ReLU, L0≈8", "TopK k=8", "ReLU at init, L0≈578",
+                                               "the original's dense formula"]
+    for kind in ("forward", "generate"):
+        assert rows(section, kind)[0][1:] == [f"{overhead[kind]['time_vs_plain'][v]:.2f}×"
+                                              for v in ("off", "sparse", "topk", "init", "seed_dense")]
+    # the results format's families: the figures with a target
+    assert [(r[1], r[2], r[3], r[6]) for r in rows(section, "encode_topk")] == [
+        ("tckernels[cpu]", "gpt2", "forward", "**2.53×** (target ≥ 2×)"),
+        ("tckernels[cpu]", "tiny", "backward", "0.91× (target ≥ 1×, missed)")]
+    assert "(bench/results/report_encode.png)" in section and "(bench/results/report_steps.png)" in section
+
+
+def test_the_figures_are_written(results):
+    pytest.importorskip("matplotlib")
+    assert report.main(["--results", str(results)]) == 0
+    pngs = sorted(p.name for p in results.glob("*.png"))
+    assert pngs == ["report_decode.png", "report_encode.png", "report_steps.png"]
+    for name in pngs:
+        data = (results / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and 5_000 < len(data) < 200_000, (name, len(data))
+    md = (results / "report.md").read_text()
+    assert all(f"]({name})" in md for name in pngs)
+
+
+def test_check_fails_after_a_value_changes(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nprose\n\n{report.BEGIN}\n{report.END}\n\nmore prose\n")
+    assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
+    assert readme.read_text().startswith("# x\n\nprose\n\n") and readme.read_text().endswith("\n\nmore prose\n")
+    assert report.main(["--check", "--results", str(results), "--readme", str(readme)]) == 0
+
+    step = json.loads((results / "cpu_transcoder_step.json").read_text())
+    step["speedup_vs"]["dense"] = 3.5
+    (results / "cpu_transcoder_step.json").write_text(json.dumps(step))
+    assert report.check(results, readme) == [str(results / "report.md"), f"{readme} (between {report.BEGIN} and "
+                                                                         f"{report.END})"]
+    assert report.main(["--check", "--results", str(results), "--readme", str(readme)]) == 1
+
+    report.main(["--results", str(results), "--readme", str(readme)])
+    assert "3.50×" in readme.read_text()
+    (results / "report_steps.png").unlink()  # a plot the report shows is missing
+    assert report.check(results, readme) == [str(results / "report_steps.png")]
+
+
+def test_readme_section_is_generated_from_the_committed_results():
+    """README's performance section is what `python -m bench.report --readme` writes, and so is report.md."""
+    text = (ROOT / "README.md").read_text()
+    sources = report.load(RESULTS)
+    assert report.replace_section(text, report.readme_section(sources)) == text, \
+        "README.md's performance section is out of date: run python -m bench.report --readme"
+    assert report.check(RESULTS, ROOT / "README.md") == []
+
+
+def test_missing_matplotlib_names_the_extra(results, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r'the "bench" extra: pip install -e "\.\[bench\]"'):
+        report.main(["--results", str(results)])
+
+
+def test_an_unknown_file_is_an_error_naming_it(results):
+    (results / "mystery.json").write_text(json.dumps({"environment": ENV, "numbers": [1, 2]}))
+    with pytest.raises(SystemExit, match="mystery.json: neither the results format"):
+        report.load(results)
+    (results / "mystery.json").write_text(json.dumps({"suite": "ops", "figures": []}))  # no "device"
+    with pytest.raises(SystemExit, match="mystery.json: not the schema expected of it"):
+        report.load(results)
+
+
+def test_gpu_figures_files(results):
+    """A file of bench/gpu.py's Figures: speed-ups become speed-ups, other figures stay notes."""
+    (results / "gpu_kernels_NVIDIA_H200.json").write_text(json.dumps({
+        "environment": {**ENV, "gpu": "NVIDIA H200", "cuda": "12.8"}, "mode": "quick", "rounds": 5,
+        "dtype": "bfloat16", "diagnostics": {}, "errors": [], "figures": [
+            {"op": "topk_relu", "figure": "speed-up vs torch.topk", "backend": "triton",
+             "shape": {"M": 8192, "N": 131072, "k": 64}, "baseline": "torch.topk", "measured": 2.2,
+             "target": ">= 2.0", "status": "pass", "median_seconds": {"triton": 0.001, "torch.topk": 0.0022}},
+            {"op": "gather_matmul", "figure": "fraction of copy bandwidth", "backend": "cuda",
+             "shape": {"M": 8192, "k": 64, "N": 24576, "D": 768}, "baseline": "copy", "measured": 0.61,
+             "target": ">= 0.7", "status": "miss", "median_seconds": {"cuda": 0.002}, "bytes_moved": 4e9},
+        ]}))
+    md = report.report_md(report.load(results))
+    (select,) = rows(md, "topk_relu")
+    assert select[1] == "tckernels[triton]" and select[5:7] == ["forward", "1 ms"] and select[10:13] == ["2.20×", "≥ 2×", "yes"]
+    (gather,) = rows(md, "gather_matmul")
+    assert gather[8] == "2,000 GB/s" and gather[10] == "—"
+    assert "fraction of copy bandwidth = 0.61 (>= 0.7, miss)" in gather[-1]
+    assert rows(md, "`gpu_kernels_NVIDIA_H200.json` (legacy)")[0][1] == "NVIDIA_H200"
