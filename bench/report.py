@@ -393,14 +393,20 @@ def _caption(figs: List[dict], sources: List[Source], what: str) -> str:
 def readme_step_table(figs: List[dict], sources: List[Source]) -> List[str]:
     """One op of the step family with one shape set: a column per provider."""
     ours = [f for f in figs if f["baseline"] is not None]
-    providers = list(dict.fromkeys([f["provider"] for f in ours] + [f["provider"] for f in figs]))
-    first = {p: next(f for f in figs if f["provider"] == p) for p in providers}
+    # a baseline that has no figure of its own still gets its column: the speed-up against it goes there
+    providers = list(dict.fromkeys([f["provider"] for f in ours] + [f["provider"] for f in figs] +
+                                   [f["baseline"] for f in ours]))
+    first = {p: next((f for f in figs if f["provider"] == p), None) for p in providers}
     speedups = {f["baseline"]: fmt_speedup(f) for f in ours}
+
+    def cells(fmt, key):
+        return [DASH if first[p] is None else fmt(first[p][key]) for p in providers]
+
     lines = [_caption(figs, sources, f"`{figs[0]['op']}`, {figs[0]['dtype']}, {fmt_shape(figs[0]['shape'])}"), ""]
-    lines += table([""] + [label(first[p]) for p in providers], [
-        ["median step"] + [fmt_time(first[p]["median_s"]) for p in providers],
+    lines += table([""] + [p if first[p] is None else label(first[p]) for p in providers], [
+        ["median step"] + cells(fmt_time, "median_s"),
         [f"speed-up of {label(ours[0])}" if ours else "speed-up"] + [speedups.get(p, DASH) for p in providers],
-        ["peak memory of a step"] + [fmt_bytes(first[p]["peak_bytes"]) for p in providers],
+        ["peak memory of a step"] + cells(fmt_bytes, "peak_bytes"),
     ])
     return lines
 
@@ -448,6 +454,8 @@ def readme_overhead_table(figs: List[dict], sources: List[Source]) -> List[str]:
 def readme_family_table(figs: List[dict]) -> List[str]:
     """An op family of the results format: its figures with a target (the headline ones)."""
     headline = [f for f in figs if f["target"] is not None] or [f for f in figs if f["speedup"] is not None]
+    if not headline:
+        return ["No figures: " + "; ".join(f"{f['op']} {f['provider']}: {f['error'] or 'no speed-up'}" for f in figs)]
     return table(["op", "provider", "shape set", "mode", "median", "vs", "speed-up", "peak memory"], [
         [f["op"], f["provider"], f["shape_set"] or fmt_shape(f["shape"]), f["mode"] or DASH, fmt_time(f["median_s"]),
          f["baseline"] or DASH, fmt_speedup(f), fmt_bytes(f["peak_bytes"])] for f in headline])

@@ -225,3 +225,16 @@ def test_gpu_figures_files(results):
     assert gather[8] == "2,000 GB/s" and gather[10] == "—"
     assert "fraction of copy bandwidth = 0.61 (>= 0.7, miss)" in gather[-1]
     assert rows(md, "`gpu_kernels_NVIDIA_H200.json` (legacy)")[0][1] == "NVIDIA_H200"
+
+
+def test_a_baseline_without_its_own_figure_keeps_its_column(tmp_path):
+    ops = ops_cpu()
+    ops["figures"] = [_fig(family="step", op="topk_step", provider="tckernels[cpu]", shape_set="tiny", mode="full",
+                           median_s=0.01, baseline="dense_eager", speedup=2.0, target=3.0, target_met=False),
+                      {**{k: None for k in report.FIGURE_KEYS}, "family": "scatter", "op": "scatter_matmul",
+                       "provider": "tckernels[cpu]", "error": "RuntimeError: out of memory"}]
+    (tmp_path / "steps_cpu.json").write_text(json.dumps(ops))
+    section = report.readme_section(report.load(tmp_path))
+    assert rows(section, "")[0] == ["", "tckernels[cpu]", "dense_eager"]
+    assert rows(section, "speed-up of tckernels[cpu]")[0][1:] == ["—", "2.00× (target ≥ 3×, missed)"]
+    assert "No figures: scatter_matmul tckernels[cpu]: RuntimeError: out of memory" in section
