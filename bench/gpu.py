@@ -11,118 +11,52 @@ Modes, chosen by environment variables:
 
 Every figure is a ratio against a baseline timed in the same rounds: each round times every
 implementation once, in turn, and the ratio is taken within the round, then the median over
-rounds, so that clock changes and other load hit both sides alike.
+rounds, so that clock changes and other load hit both sides alike. The timer is bench/harness.py's,
+shared with the op benchmarks; these suites keep their own figures file (gpu_kernels_<gpu>.json,
+gpu_transcoder_step_<gpu>.json: each figure with its target and pass/miss).
 """
 from __future__ import annotations
 
-import math
-import os
 import statistics
-import time
-import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-SMOKE = os.environ.get("TCK_BENCH_SMOKE") == "1"
-QUICK = os.environ.get("TCK_BENCH_QUICK") == "1"
-MODE = "smoke" if SMOKE else ("quick" if QUICK else "full")
+from bench import harness
+
+SMOKE = harness.SMOKE
+QUICK = harness.QUICK
+MODE = harness.MODE
 DEVICE = "cpu" if SMOKE else "cuda"
-ROUNDS = 2 if SMOKE else (5 if QUICK else 20)
-# The first calls compile and autotune Triton kernels and warm the clocks; two calls cover both
-# (a kernel that recomputes some rows compiles that path on the first call already).
-WARMUP = 1 if SMOKE else 2
-# Calls per timed block: enough for a block to last about this long, so that the timer's
-# resolution and one launch gap do not count (short kernels run in ~20 us).
-BLOCK_SECONDS = 2e-3
+ROUNDS = harness.rounds_for("cuda")  # 2 in smoke mode, 5 quick, 20 full
+WARMUP = harness.warmup_for("cuda")
+BLOCK_SECONDS = harness.BLOCK_SECONDS
 
 SKIP_REASON = None if SMOKE or torch.cuda.is_available() else \
     "needs a CUDA GPU (or TCK_BENCH_SMOKE=1 to run the suites on the CPU at tiny shapes)"
 
 
 def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    harness.sync(DEVICE)
 
 
-# --- timing ------------------------------------------------------------------------------------
-
-
-def _block_seconds(fn: Callable[[], object], inner: int) -> float:
-    """Seconds per call over one block of ``inner`` calls: CUDA events on the GPU (they time the
-    device's timeline, not the host's launches), the host clock in smoke mode."""
-    if DEVICE != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        return (time.perf_counter() - t0) / inner
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(inner):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / inner
-
-
-def _inner_for(fn: Callable[[], object]) -> int:
-    if SMOKE:
-        return 1
-    t = _block_seconds(fn, 1)
-    return max(1, min(200, math.ceil(BLOCK_SECONDS / max(t, 1e-7))))
+# --- timing: bench/harness.py's timer on this suite's device -----------------------------------
 
 
 def cuda_time(fn: Callable[[], object], rounds: int = ROUNDS, warmup: int = WARMUP, inner: int = 0) -> float:
     """Median seconds of one call of ``fn`` (``inner`` calls per timed block; 0: picked so a
     block lasts about BLOCK_SECONDS)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    inner = inner or _inner_for(fn)
-    return statistics.median(_block_seconds(fn, inner) for _ in range(rounds))
+    return harness.time_one(fn, DEVICE, rounds=rounds, warmup=warmup, inner=inner)
 
 
 def interleaved(fns: Dict[str, Callable[[], object]], benchmark=None, rounds: int = ROUNDS,
                 warmup: int = WARMUP) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
-    """Seconds per call of each function, ``rounds`` times, every function once per round in turn.
-
-    Returns (times, errors): a function that raises while warming up is left out and its error
-    kept, so that one broken implementation does not hide the others' figures.
-    With pytest-benchmark's ``benchmark`` fixture, pytest-benchmark drives the rounds (its table
-    then shows the time of one whole round); the figures come from this timer either way.
-    """
-    errors: Dict[str, str] = {}
-    live: Dict[str, Callable[[], object]] = {}
-    for name, fn in fns.items():
-        try:
-            for _ in range(warmup):
-                fn()
-            sync()
-        except Exception as exc:  # recorded with the figures; the other implementations go on
-            errors[name] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-            free_memory()
-            continue
-        live[name] = fn
-    inner = {name: _inner_for(fn) for name, fn in live.items()}
-    times: Dict[str, List[float]] = {name: [] for name in live}
-
-    def one_round():
-        for name, fn in live.items():
-            times[name].append(_block_seconds(fn, inner[name]))
-
-    if benchmark is not None and live:
-        benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
-    # pytest-benchmark runs a disabled benchmark once (--benchmark-disable, xdist): top up
-    while live and len(next(iter(times.values()))) < rounds:
-        one_round()
-    return times, errors
+    """harness.interleaved on this suite's device: (times per round, errors while warming up)."""
+    return harness.interleaved(fns, benchmark, rounds=rounds, warmup=warmup, device=DEVICE)
 
 
-def median_ratio(num: List[float], den: List[float]) -> float:
-    """Median over rounds of the within-round ratio num / den."""
-    return statistics.median(a / b for a, b in zip(num, den))
+median_ratio = harness.median_ratio
 
 
 def medians(times: Dict[str, List[float]], *names: str) -> Dict[str, float]:
@@ -131,9 +65,7 @@ def medians(times: Dict[str, List[float]], *names: str) -> Dict[str, float]:
 
 
 def free_memory() -> None:
-    """Hand cached blocks back to the device, so that the next case's large tensors fit."""
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
+    harness.free_memory(DEVICE)
 
 
 # --- the device's ceilings and inputs --------------------------------------------------------------
@@ -175,18 +107,11 @@ def distinct_indices(M: int, N: int, k: int, seed: int) -> torch.Tensor:
 def peak_memory(fn: Callable[[], object]) -> Optional[int]:
     """Bytes allocated at peak during one call of ``fn`` above what was allocated before it, after
     a warm-up call (a first Triton call autotunes, benchmarking with a 256 MiB buffer of its
-    own). None on the CPU, which has no allocator statistics."""
+    own), in this process. None on the CPU, which has no allocator statistics."""
     if DEVICE != "cuda":
         return None
     fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak
+    return harness.peak_of_call(fn, "cuda")
 
 
 def backend_skip_reason(name: str) -> Optional[str]:
