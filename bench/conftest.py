@@ -3,7 +3,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -98,12 +97,11 @@ def _git_commit() -> dict:
 
 
 def peak_in_subprocess(variant: str, device: str, **shape) -> int:
-    """Peak memory of one step of ``variant``, measured in a fresh interpreter."""
-    args = [sys.executable, "-m", "bench.transcoder_step", "--variant", variant, "--device", device]
-    for key, value in shape.items():
-        args += [f"--{key}", str(value)]
-    out = subprocess.run(args, check=True, capture_output=True, text=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    """Peak memory of one step of ``variant`` (bench.transcoder_step.VARIANTS), measured in a
+    fresh interpreter by bench.harness."""
+    from bench import harness
+
+    return harness.peak_in_subprocess("bench.transcoder_step:legacy_step", device, variant=variant, **shape)
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -6,12 +6,18 @@
 
 and, where EleutherAI's sparsify is installed, its SparseCoder's own step (sparsify_step).
 
+``build_step`` makes the step family's calls for bench/test_transcoder_step_cpu.py: each of
+PROVIDERS' losses (the three above, the dense one under torch.compile, sparsify's) as a forward,
+a backward, or a whole training step with AdamW; bench/harness.py times them and measures their
+peak memory in a fresh process.
+
 Used by the pytest-benchmark files and, as a script, to measure one variant's memory in a
 fresh process:  python -m bench.transcoder_step --variant dense --device cpu
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import threading
@@ -93,6 +99,83 @@ def sparsify_step(params, x, k):
         out.fvu.backward()
         return out.fvu
 
+    return step
+
+
+# The step family's providers: the name in the results -> the loss it differentiates.
+PROVIDERS = {"tckernels[cpu]": "tckernels", "dense_eager": "dense", "embedding_bag": "embbag",
+             "dense_compile": "dense_compile", "sparsify": "sparsify"}
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_loss(backend: str):
+    return torch.compile(functools.partial(loss_fn, "dense"), backend=backend)
+
+
+def loss_closure(variant, params, x, k, compile_backend="inductor"):
+    """(loss(), the leaves it is differentiated with respect to) for one of PROVIDERS' values."""
+    if variant == "sparsify":
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        N, D = params["W_enc"].shape
+        cfg = SparseCoderConfig(activation="topk", num_latents=N, k=k, normalize_decoder=False)
+        sae = SparseCoder(D, cfg, device=x.device, dtype=x.dtype)
+        with torch.no_grad():
+            sae.encoder.weight.copy_(params["W_enc"])
+            sae.encoder.bias.copy_(params["b_enc"])
+            sae.W_dec.copy_(params["W_dec"])
+            sae.b_dec.copy_(params["b_dec"])
+        return (lambda: sae(x).fvu), list(sae.parameters())
+    leaves = list(params.values())
+    if variant == "dense_compile":
+        compiled = _compiled_loss(compile_backend)
+        return (lambda: compiled(params, x, k)), leaves
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(PROVIDERS.values())}, got {variant!r}")
+    return (lambda: loss_fn(variant, params, x, k)), leaves
+
+
+def build_step(provider, mode, M, D, N, k, dtype="float32", device="cpu", compile_backend="inductor",
+               params=None, x=None):
+    """The callable one timed call of ``provider`` makes in ``mode``: "forward" (the loss, recording
+    autograd's graph as training does), "backward" (the gradients of one recorded loss) or "full"
+    (zero the gradients, forward, backward, an AdamW step). Parameters of its own unless given."""
+    if params is None:
+        params, x = make_params(M, D, N, k, dtype=getattr(torch, dtype), device=device)
+    loss, leaves = loss_closure(PROVIDERS[provider], params, x, k, compile_backend)
+    if mode == "forward":
+        return loss
+    if mode == "backward":
+        recorded = loss()
+        return lambda: torch.autograd.grad(recorded, leaves, retain_graph=True)
+    opt = torch.optim.AdamW(leaves, lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = loss()
+        out.backward()
+        opt.step()
+        return out
+
+    def drop_gradients():  # the measured step allocates them anew, as the first of a run does
+        opt.zero_grad(set_to_none=True)
+
+    step.reset = drop_gradients
+    return step
+
+
+def legacy_step(variant, M, D, N, k, dtype="float32", device="cpu"):
+    """make_step's step with fresh parameters, as bench.harness.peak_in_subprocess builds it:
+    the gradients of the warm-up step are dropped before the measured one (memory_profile's
+    figure)."""
+    params, x = make_params(M, D, N, k, getattr(torch, dtype), device)
+    step = make_step(variant, params, x, k)
+
+    def drop_gradients():
+        for p in params.values():
+            p.grad = None
+
+    step.reset = drop_gradients
     return step
 
 
