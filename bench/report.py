@@ -31,9 +31,12 @@ END = "<!-- bench:end -->"
 # The keys of one figure of the results format; an adapter fills what its file has, the rest is None.
 FIGURE_KEYS = ("family", "op", "provider", "dtype", "shape_set", "shape", "mode", "median_s", "q25_s", "q75_s",
                "tflops", "gbps", "baseline", "speedup", "peak_bytes", "target", "target_met", "error")
-FAMILIES = ("encode", "select", "decode", "gather", "scatter", "step", "loop")
-# step and loop figures are whole training steps or model runs: one figure for all of them
-STEP_FAMILIES = ("step", "loop")
+FAMILIES = ("encode", "select", "decode", "gather", "scatter", "step", "loop", "adapter")
+# step, loop and adapter figures are whole training steps or model runs: one figure for all of them
+STEP_FAMILIES = ("step", "loop", "adapter")
+# bench/test_adapter_overhead.py: the shape set of the adapters against the plain model; its feature
+# sweep's shape sets are "f<F>"
+ADAPTER_SET = "adapter"
 
 
 @dataclass
@@ -66,9 +69,20 @@ def figure(**values) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def _derived(f: dict) -> dict:
+    """What a figure of the results format implies beyond its keys: tokens/s of a bridging step
+    (shape M: tokens per step), the time relative to the plain model of an adapter figure."""
+    f = figure(**{k: f.get(k) for k in FIGURE_KEYS})
+    if f["op"] == "bridging_step" and f["median_s"] and (f["shape"] or {}).get("M"):
+        f["extra"]["tokens_per_s"] = f["shape"]["M"] / f["median_s"]
+    if f["family"] == "adapter" and f["baseline"] == "plain" and f["speedup"]:
+        f["extra"]["time_vs_baseline"] = 1 / f["speedup"]
+    return f
+
+
 def _from_results_format(name: str, data: dict) -> Source:
     return Source(name, data["suite"], data["device"], data.get("mode"), data.get("rounds"),
-                  data.get("environment", {}), [figure(**{k: f.get(k) for k in FIGURE_KEYS}) for f in data["figures"]])
+                  data.get("environment", {}), [_derived(f) for f in data["figures"]])
 
 
 def _topk_step(name: str, data: dict) -> Source:
@@ -93,29 +107,6 @@ def _topk_step(name: str, data: dict) -> Source:
         else:
             out.append(figure(**common, provider=provider, **stats))
     return Source(name, "transcoder_step", "cpu", None, data["rounds"], data["environment"], out, "legacy")
-
-
-def _adapter_overhead(name: str, data: dict) -> Source:
-    """bench/test_adapter_overhead.py: a Qwen2 with adapters against the plain model, forward and generate."""
-    l0 = {v: statistics.fmean(per_layer.values()) for v, per_layer in data.get("l0_per_layer", {}).items()}
-    m = data["shape"]
-    shape = {"D": m["hidden_size"], "N": data["n_features"], "layers": m["num_hidden_layers"]}
-    out = []
-    for kind in ("forward", "generate"):
-        r = data[kind]
-        for v, median in r["median_s"].items():
-            q = statistics.quantiles(r["seconds"][v], n=4)
-            ratio = r["time_vs_plain"].get(v)
-            extra = {"time_vs_baseline": ratio} if ratio is not None else {}
-            if v in l0:
-                extra["l0"] = l0[v]
-            # the suite records time / plain (the overhead); the format's speed-up is its inverse
-            out.append(figure(family="step", op=f"adapter_{kind}", provider=v, dtype=data["dtype"],
-                              shape_set="adapter", shape=shape,
-                              mode=kind, median_s=median, q25_s=q[0], q75_s=q[2],
-                              baseline=None if v == "plain" else "plain",
-                              speedup=None if ratio is None else 1 / ratio, extra=extra))
-    return Source(name, "adapter_overhead", data["device"], None, data["rounds"], data["environment"], out, "legacy")
 
 
 def _trainer(name: str, data: dict) -> Source:
@@ -188,7 +179,6 @@ def _gpu_figures(name: str, data: dict) -> Source:
 # Files written in a schema of their own, before their suite moved to the results format.
 LEGACY: Dict[str, Callable[[str, dict], Source]] = {
     "cpu_transcoder_step.json": _topk_step,
-    "adapter_overhead_cpu.json": _adapter_overhead,
     "transcoder_trainer.json": _trainer,
 }
 
@@ -363,8 +353,8 @@ def report_md(sources: List[Source]) -> str:
 
 LABELS = {
     "tckernels": "tckernels", "dense_eager": "dense eager", "embedding_bag": "`F.embedding_bag` decoder",
-    "off": "off", "sparse": "ReLU, L0≈{l0:.0f}", "topk": "TopK k=8", "init": "ReLU at init, L0≈{l0:.0f}",
-    "seed_dense": "the original's dense formula",
+    "adapters_off": "off", "sparse_relu": "ReLU, L0≈{k}", "topk": "TopK k={k}",
+    "dense_formula": "the original's dense formula",
 }
 SHAPE_SET_LABELS = {"tiny": "tiny default", "gpt2": "GPT-2 shape", "adapter": "adapter"}
 
@@ -372,7 +362,7 @@ SHAPE_SET_LABELS = {"tiny": "tiny default", "gpt2": "GPT-2 shape", "adapter": "a
 def label(f: dict) -> str:
     text = LABELS.get(f["provider"], f["provider"])
     try:
-        return text.format(**f["extra"])
+        return text.format(**{**(f["shape"] or {}), **f["extra"]})
     except KeyError:  # a figure without the value its label names (an L0 not recorded)
         return text.split(",")[0]
 
@@ -426,6 +416,8 @@ def readme_loop_table(figs: List[dict], sources: List[Source]) -> List[str]:
             for p in providers]
     for p in ours:
         rows.append(row(f"speed-up of {label(cell[next(s for s in sets if (s, p) in cell), p])}", p, fmt_speedup))
+        if not any("activation_share" in f["extra"] for f in figs):
+            continue
         rows.append(row(f"{label(cell[next(s for s in sets if (s, p) in cell), p])}: share of time making activations", p, lambda f: DASH if f["extra"].get(
             "activation_share") is None else f"{100 * f['extra']['activation_share']:.0f}%"))
     lines = [_caption(figs, sources, f"`{figs[0]['op']}`, {figs[0]['dtype']}"), ""]
@@ -433,22 +425,55 @@ def readme_loop_table(figs: List[dict], sources: List[Source]) -> List[str]:
 
 
 def readme_overhead_table(figs: List[dict], sources: List[Source]) -> List[str]:
-    """Adapters against the plain model: time relative to it, a column per provider, a row per mode."""
+    """Adapters against the plain model: time relative to it, a column per provider, a row per op."""
     compared = [f for f in figs if f["baseline"]]
     providers = list(dict.fromkeys(f["provider"] for f in compared))
-    modes = list(dict.fromkeys(f["mode"] for f in compared))
-    cell = {(f["mode"], f["provider"]): f for f in compared}
+    ops = list(dict.fromkeys(f["op"] for f in compared))
+    cell = {(f["op"], f["provider"]): f for f in compared}
     first = {p: next(f for f in compared if f["provider"] == p) for p in providers}
     baseline = compared[0]["baseline"]
 
     def ratio(f):
-        r = f["extra"].get("time_vs_baseline", None if not f["speedup"] else 1 / f["speedup"])
-        return fmt_x(r)
+        return fmt_x(f["extra"].get("time_vs_baseline", None if not f["speedup"] else 1 / f["speedup"]))
 
+    shape = {k: v for k, v in figs[0]["shape"].items() if k != "M"}
     lines = [_caption(figs, sources, f"adapter overhead, time relative to `{baseline}`, {figs[0]['dtype']}, "
-                                     f"{fmt_shape(figs[0]['shape'])}"), ""]
+                                     f"{fmt_shape(shape)}"), ""]
     return lines + table(["adapters"] + [label(first[p]) for p in providers],
-                         [[m] + [ratio(cell[m, p]) if (m, p) in cell else DASH for p in providers] for m in modes])
+                         [[op] + [ratio(cell[op, p]) if (op, p) in cell else DASH for p in providers] for op in ops])
+
+
+def crossover(figs: List[dict]) -> Optional[int]:
+    """The smallest feature count of a sweep from which on (every larger one too) the compared
+    provider is faster than its baseline (speed-up >= 1); None when it is not at the largest."""
+    found = None
+    for f in sorted((f for f in figs if f["baseline"]), key=lambda f: -f["shape"]["N"]):
+        if f["speedup"] is None or f["speedup"] < 1:
+            break
+        found = f["shape"]["N"]
+    return found
+
+
+def readme_sweep_table(figs: List[dict], sources: List[Source]) -> List[str]:
+    """A feature-count sweep: a column per F, the providers' medians and the speed-up."""
+    ns = sorted({f["shape"]["N"] for f in figs})
+    providers = list(dict.fromkeys(f["provider"] for f in figs))
+    cell = {(f["shape"]["N"], f["provider"]): f for f in figs}
+    ours = [p for p in providers if any(f["baseline"] for f in figs if f["provider"] == p)]
+    rows = [[f"{label(next(f for f in figs if f['provider'] == p))}, median"] +
+            [fmt_time(cell[n, p]["median_s"]) if (n, p) in cell else DASH for n in ns] for p in providers]
+    rows += [[f"speed-up of {label(next(f for f in figs if f['provider'] == p))}"] +
+             [fmt_speedup(cell[n, p]) if (n, p) in cell else DASH for n in ns] for p in ours]
+    shape = {k: v for k, v in figs[0]["shape"].items() if k != "N"}
+    lines = [_caption(figs, sources, f"`{figs[0]['op']}` over the feature count F, {figs[0]['dtype']}, "
+                                     f"{fmt_shape(shape)}"), ""]
+    lines += table(["F"] + [f"{n:,}" for n in ns], rows)
+    x = crossover(figs)
+    targets = sorted(f["shape"]["N"] for f in figs if f["target"] is not None)
+    goal = f" (target: faster once F ≥ {targets[0]:,})" if targets else ""
+    return lines + ["", f"Crossover: the sparse path is faster than {LABELS.get(figs[0]['baseline'], figs[0]['baseline'])} from "
+                        f"F = {x:,} on{goal}." if x else
+                        f"Crossover: the sparse path is not faster at any F of the sweep up to {ns[-1]:,}{goal}."]
 
 
 def readme_family_table(figs: List[dict]) -> List[str]:
@@ -464,20 +489,21 @@ def readme_family_table(figs: List[dict]) -> List[str]:
 def readme_section(sources: List[Source]) -> str:
     figs = all_figures(sources)
     lines = [BEGIN, "<!-- generated by `python -m bench.report --readme` from bench/results/*.json -->", ""]
-    ops = list(dict.fromkeys(f["op"] for f in figs if f["family"] in STEP_FAMILIES))
+    ops = list(dict.fromkeys(f["op"] for f in figs if f["family"] in STEP_FAMILIES and f["family"] != "adapter"))
     for op in ops:
-        these = [f for f in figs if f["op"] == op]
-        if op.startswith("adapter_"):
-            continue  # both modes in one table below
+        these = [f for f in figs if f["op"] == op and f["family"] != "adapter"]
         if any("tokens_per_s" in f["extra"] for f in these):
             lines += readme_loop_table(these, sources)
         else:
             for s in dict.fromkeys(f["shape_set"] for f in these):
                 lines += readme_step_table([f for f in these if f["shape_set"] == s], sources)
         lines.append("")
-    adapters = [f for f in figs if f["op"].startswith("adapter_")]
-    if adapters:
-        lines += readme_overhead_table(adapters, sources) + [""]
+    adapters = [f for f in figs if f["family"] == "adapter"]
+    if any(f["shape_set"] == ADAPTER_SET for f in adapters):
+        lines += readme_overhead_table([f for f in adapters if f["shape_set"] == ADAPTER_SET], sources) + [""]
+    sweep = [f for f in adapters if f["shape_set"] != ADAPTER_SET and not f["error"]]
+    if sweep:
+        lines += readme_sweep_table(sweep, sources) + [""]
     for fam in families(sources):
         if fam in STEP_FAMILIES:
             continue
@@ -563,9 +589,10 @@ def plot_family(plt, figs: List[dict], family: str, path: Path) -> None:
 def plot_steps(plt, figs: List[dict], path: Path) -> None:
     """A panel per op: tokens/s where the suite counts tokens, time relative to the baseline where it
     measures an overhead, the speed-up otherwise."""
-    def panel(f):  # an op timed in several modes (adapter_forward, adapter_generate) is one panel
-        suffix = f"_{f['mode']}"
-        return f["op"][:-len(suffix)] if f["mode"] and f["op"].endswith(suffix) else f["op"]
+    def panel(f):  # the adapters against the plain model are one panel (forward, generate), their sweep another
+        if f["family"] == "adapter":
+            return "adapters vs plain" if f["shape_set"] == ADAPTER_SET else f"adapter {f['op']} over F"
+        return f["op"]
 
     ops = list(dict.fromkeys(panel(f) for f in figs))
     fig, axes = plt.subplots(1, len(ops), figsize=(3.3 * len(ops), 3.4), squeeze=False)
@@ -577,7 +604,7 @@ def plot_steps(plt, figs: List[dict], path: Path) -> None:
             key, group = (lambda f: f["provider"]), (lambda f: f["shape_set"])
         elif any("time_vs_baseline" in f["extra"] for f in these):
             metric, ylabel, ref = (lambda f: f["extra"].get("time_vs_baseline")), "time / baseline", 1.0
-            key, group = (lambda f: f["provider"]), (lambda f: f["mode"])
+            key, group = (lambda f: f["provider"]), (lambda f: f["op"])
         else:
             metric, ylabel, ref = (lambda f: f["speedup"]), "speed-up (×)", 1.0
             key, group = (lambda f: f"{f['provider']} vs {f['baseline']}"), (lambda f: f["shape_set"] or f["mode"])

@@ -10,7 +10,8 @@ from bench import report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-LEGACY = ("cpu_transcoder_step.json", "adapter_overhead_cpu.json", "transcoder_trainer.json")
+LEGACY = ("cpu_transcoder_step.json", "transcoder_trainer.json")
+ADAPTER = "adapter_cpu.json"  # bench/test_adapter_overhead.py, in the results format
 ENV = {"python": "3.11.7", "torch": "2.13.0+cpu", "tckernels": "0.1.0", "cpu": "x86_64", "threads": 2,
        "triton": "3.6.0", "git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False}
 
@@ -46,11 +47,12 @@ def ops_cpu() -> dict:
 
 @pytest.fixture
 def results(tmp_path):
-    """Both formats: an ops file in the results format and the committed legacy files."""
+    """Both formats: an ops file in the results format, the committed adapter file and the committed
+    legacy files."""
     out = tmp_path / "results"
     out.mkdir()
     (out / "ops_cpu.json").write_text(json.dumps(ops_cpu(), indent=2))
-    for name in LEGACY:
+    for name in LEGACY + (ADAPTER,):
         shutil.copy(RESULTS / name, out / name)
     return out
 
@@ -83,7 +85,7 @@ def test_results_format_rows(results):
     assert decode[2][-1] == "`ops_cpu.json` (error: ImportError: no module named sparsify)"
     # a family per section, in the format's order, before the steps
     assert [line for line in md.splitlines() if line.startswith("## ")] == [
-        "## encode", "## decode", "## step", "## loop", "## Environment"]
+        "## encode", "## decode", "## step", "## loop", "## adapter", "## Environment"]
 
 
 def test_legacy_rows(results):
@@ -106,11 +108,20 @@ def test_legacy_rows(results):
         ("tckernels", "tiny", f"{trainer['tiny']['speedup']:.2f}×"), ("dense_eager", "tiny", "—"),
         ("tckernels", "gpt2", f"{trainer['gpt2']['speedup']:.2f}×"), ("dense_eager", "gpt2", "—")]
 
-    # the adapters' speed-up is the inverse of the overhead the suite records
-    overhead = json.loads((results / "adapter_overhead_cpu.json").read_text())
-    forward = {r[1]: r for r in rows(md, "adapter_forward")}
-    assert forward["sparse"][10] == f"{1 / overhead['forward']['time_vs_plain']['sparse']:.2f}×"
-    assert forward["plain"][9] == "—" and forward["topk"][9] == "plain"
+    # the adapter file: every provider of forward and generate against plain, the sweep against the dense formula
+    adapter = json.loads((results / ADAPTER).read_text())["figures"]
+    want = {(f["op"], f["shape_set"], f["provider"]): f for f in adapter}
+    forward = {(r[3], r[1]): r for r in rows(md, "forward")}
+    assert {(s, p) for s, p in forward if s == "adapter"} == {
+        ("adapter", p) for p in ("plain", "adapters_off", "sparse_relu", "topk", "dense_formula")}
+    sparse = want["forward", "adapter", "sparse_relu"]
+    assert forward["adapter", "sparse_relu"][9:11] == ["plain", f"{sparse['speedup']:.2f}×"]
+    assert forward["adapter", "plain"][9] == "—"
+    assert forward["adapter", "adapters_off"][11] == "≥ 0.8×"
+    assert {s for s, p in forward if s != "adapter"} == {"f1152", "f2048", "f4096", "f8192"}
+    assert forward["f8192", "sparse_relu"][9:12] == ["dense_formula", f"{want['forward', 'f8192', 'sparse_relu']['speedup']:.2f}×",
+                                                      "≥ 1×"]
+    assert [r[1] for r in rows(md, "bridging_step")] == ["sparse_relu", "dense_formula"]
 
     env = {r[0]: r for r in rows(md, "`transcoder_trainer.json` (legacy)")}
     assert env, "no environment row"
@@ -136,12 +147,21 @@ def test_readme_section_has_the_figures(results):
     assert (f"median over {trainer['tiny']['rounds']} (tiny), {trainer['gpt2']['rounds']} (gpt2) interleaved rounds"
             in section)
 
-    overhead = json.loads((results / "adapter_overhead_cpu.json").read_text())
-    assert rows(section, "adapters")[0][1:] == ["off", "ReLU, L0≈8", "TopK k=8", "ReLU at init, L0≈578",
-                                               "the original's dense formula"]
-    for kind in ("forward", "generate"):
-        assert rows(section, kind)[0][1:] == [f"{overhead[kind]['time_vs_plain'][v]:.2f}×"
-                                              for v in ("off", "sparse", "topk", "init", "seed_dense")]
+    adapter = {(f["op"], f["shape_set"], f["provider"]): f for f in json.loads((results / ADAPTER).read_text())["figures"]}
+    assert rows(section, "adapters")[0][1:] == ["off", "ReLU, L0≈8", "TopK k=8", "the original's dense formula"]
+    for op in ("forward", "generate"):  # time relative to plain: the inverse of the speed-up
+        assert rows(section, op)[0][1:] == [f"{1 / adapter[op, 'adapter', p]['speedup']:.2f}×"
+                                            for p in ("adapters_off", "sparse_relu", "topk", "dense_formula")]
+    assert rows(section, "F")[0][1:] == ["1,152", "2,048", "4,096", "8,192"]
+    bridging, sweep = (r[1:] for r in rows(section, "speed-up of ReLU, L0≈8"))
+    assert [c.split(" ")[0].strip("*") for c in sweep] == [
+        f"{adapter['forward', f'f{n}', 'sparse_relu']['speedup']:.2f}×" for n in (1152, 2048, 4096, 8192)]
+    x = report.crossover([f for (op, s, _), f in adapter.items() if s.startswith("f")])
+    assert (f"from F = {x:,} on" if x else "not faster at any F") in section
+    step = {p: adapter["bridging_step", "tiny", p] for p in ("sparse_relu", "dense_formula")}
+    assert rows(section, "the original's dense formula tokens/s")[0][1:] == [
+        f"{step['dense_formula']['shape']['M'] / step['dense_formula']['median_s']:,.0f}"]
+    assert bridging == [f"{step['sparse_relu']['speedup']:.2f}×"]
     # the results format's families: the figures with a target
     assert [(r[1], r[2], r[3], r[6]) for r in rows(section, "encode_topk")] == [
         ("tckernels[cpu]", "gpt2", "forward", "**2.53×** (target ≥ 2×)"),
