@@ -109,6 +109,10 @@ PROVIDERS = {"tckernels[cpu]": "tckernels", "dense_eager": "dense", "embedding_b
 
 @functools.lru_cache(maxsize=None)
 def _compiled_loss(backend: str):
+    # the backward mode reruns one recorded backward (retain_graph): donated buffers forbid it
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
     return torch.compile(functools.partial(loss_fn, "dense"), backend=backend)
 
 
