@@ -86,3 +86,107 @@ def test_the_committed_trainer_result():
     report = json.loads(path.read_text())
     _check_trainer_result(report, "full")
     assert report["shapes"]["gpt2"]["config"]["n_features"] == 24576
+
+
+# --- the op and step benchmarks' common format (bench/harness.py) --------------------------------
+
+ROW_FIELDS = {"family", "op", "provider", "dtype", "shape_set", "shape", "mode", "median_s", "q25_s", "q75_s",
+              "tflops", "gbps", "baseline", "speedup", "peak_bytes", "target", "target_met"}
+BACKEND_PROVIDERS = {f"tckernels[{b}]" for b in ("reference", "cpu", "cuda", "triton")}
+EXPECTED_PROVIDERS = {  # (family, mode) -> every provider that must have a row: figures or a reason
+    **{("encode", m): BACKEND_PROVIDERS | {"dense_eager", "dense_compile", "sparsify"} for m in
+       ("forward", "backward", "full")},
+    **{("decode", m): BACKEND_PROVIDERS | {"dense_eager", "embedding_bag", "sparsify"} for m in
+       ("forward", "backward", "full")},
+    **{("step", m): {"tckernels[cpu]", "dense_eager", "embedding_bag", "dense_compile", "sparsify"} for m in
+       ("forward", "backward", "full")},
+}
+EXPECTED_PROVIDERS[("encode", "forward")] |= {"gemm"}
+EXPECTED_PROVIDERS[("decode", "forward")] |= {"memcpy"}
+
+
+def check_harness_result(report: dict, suite: str, families: set, mode: str) -> None:
+    """The format bench/harness.py's docstring gives, and a row for every expected provider."""
+    assert set(report) == {"environment", "suite", "device", "mode", "rounds", "figures"}
+    assert report["suite"] == suite and report["mode"] == mode and report["rounds"] >= 2
+    seen = {}
+    for row in report["figures"]:
+        assert set(row) - {"error"} == ROW_FIELDS, sorted(set(row) ^ ROW_FIELDS)
+        key = (row["family"], row["mode"])
+        assert row["family"] in families and key in EXPECTED_PROVIDERS, key
+        if row.get("error"):
+            assert row["median_s"] is None and row["speedup"] is None, row
+        else:
+            assert row["q25_s"] <= row["median_s"] <= row["q75_s"] and row["median_s"] > 0, row
+            assert (row["baseline"] is None) == (row["speedup"] is None), row
+            assert set(row["shape"]) == {"M", "D", "N", "k"}
+        seen.setdefault(key, set()).add(row["provider"])
+    for key, expected in EXPECTED_PROVIDERS.items():
+        if key[0] in families:
+            assert seen.get(key) == expected, (key, sorted(expected ^ seen.get(key, set())))
+
+
+def test_the_op_and_step_benchmarks_smoke(tmp_path):
+    """bench/test_ops.py and bench/test_transcoder_step_cpu.py at toy sizes, 2 rounds: every
+    (family, provider, mode) has figures or the reason it has none. No speed is asserted."""
+    env = {**os.environ, "TCK_BENCH_SMOKE": "1", "TCK_BENCH_RESULTS": str(tmp_path), "TCK_BACKEND": "",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TCK_BENCH_SHAPES", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           "bench/test_ops.py", "bench/test_transcoder_step_cpu.py"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    check_harness_result(json.loads((tmp_path / "ops_cpu.json").read_text()), "ops", {"encode", "decode"}, "smoke")
+    check_harness_result(json.loads((tmp_path / "steps_cpu.json").read_text()), "steps", {"step"}, "smoke")
+    legacy = json.loads((tmp_path / "cpu_transcoder_step.json").read_text())
+    assert set(legacy["median_s"]) == {"tckernels", "dense", "embbag"} and set(legacy["speedup_vs"]) == {"dense",
+                                                                                                       "embbag"}
+
+
+def test_the_committed_op_figures():
+    report = json.loads((ROOT / "bench" / "results" / "ops_cpu.json").read_text())
+    check_harness_result(report, "ops", {"encode", "decode"}, "full")
+    assert {"tiny", "gpt2"} <= {r["shape_set"] for r in report["figures"]}
+    measured = [r for r in report["figures"] if not r.get("error")]
+    assert all(r["peak_bytes"] is not None for r in measured)
+
+
+# --- the adapter benchmark (bench/test_adapter_overhead.py, the harness format) -------------------
+
+ADAPTER_PROVIDERS = {"plain", "adapters_off", "sparse_relu", "topk", "dense_formula"}
+
+
+def check_adapter_result(report: dict, mode: str, sweep: int = 4) -> None:
+    """Every (op, shape set) of the adapter suite has a row for each of its providers, with figures
+    or the reason it has none; the crossover of the sweep is recorded."""
+    assert report["suite"] == "adapter" and report["mode"] == mode and report["rounds"] >= 2
+    cases = {}
+    for row in report["figures"]:
+        cases.setdefault((row["family"], row["op"], row["shape_set"]), set()).add(row["provider"])
+        if row.get("error"):
+            assert row["median_s"] is None, row
+        else:
+            assert row["q25_s"] <= row["median_s"] <= row["q75_s"] and row["median_s"] > 0, row
+            assert (row["baseline"] is None) == (row["speedup"] is None), row
+    assert cases.pop(("adapter", "forward", "adapter")) == ADAPTER_PROVIDERS
+    assert cases.pop(("adapter", "generate", "adapter")) == ADAPTER_PROVIDERS
+    assert cases.pop(("loop", "bridging_step", "tiny")) == {"sparse_relu", "dense_formula"}
+    assert len(cases) == sweep and all(k[:2] == ("adapter", "forward") and v == {"sparse_relu", "dense_formula"}
+                                       for k, v in cases.items()), cases
+    assert "crossover_F" in report["diagnostics"]
+
+
+def test_the_adapter_benchmark_smoke(tmp_path):
+    """bench/test_adapter_overhead.py at toy sizes, 2 rounds. No speed is asserted."""
+    pytest.importorskip("transformers")
+    env = {**os.environ, "TCK_BENCH_SMOKE": "1", "TCK_BENCH_RESULTS": str(tmp_path), "TCK_BACKEND": "",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                           "bench/test_adapter_overhead.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    check_adapter_result(json.loads((tmp_path / "adapter_cpu.json").read_text()), "smoke")
+
+
+def test_the_committed_adapter_figures():
+    check_adapter_result(json.loads((ROOT / "bench" / "results" / "adapter_cpu.json").read_text()), "full")
