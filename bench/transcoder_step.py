@@ -9,18 +9,11 @@ and, where EleutherAI's sparsify is installed, its SparseCoder's own step (spars
 ``build_step`` makes the step family's calls for bench/test_transcoder_step_cpu.py: each of
 PROVIDERS' losses (the three above, the dense one under torch.compile, sparsify's) as a forward,
 a backward, or a whole training step with AdamW; bench/harness.py times them and measures their
-peak memory in a fresh process.
-
-Used by the pytest-benchmark files and, as a script, to measure one variant's memory in a
-fresh process:  python -m bench.transcoder_step --variant dense --device cpu
+peak memory in a fresh process (``legacy_step`` is the M=2048 target's step, measured the same way).
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import os
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -170,8 +163,7 @@ def build_step(provider, mode, M, D, N, k, dtype="float32", device="cpu", compil
 
 def legacy_step(variant, M, D, N, k, dtype="float32", device="cpu"):
     """make_step's step with fresh parameters, as bench.harness.peak_in_subprocess builds it:
-    the gradients of the warm-up step are dropped before the measured one (memory_profile's
-    figure)."""
+    the gradients of the warm-up step are dropped before the measured one, which allocates them anew."""
     params, x = make_params(M, D, N, k, getattr(torch, dtype), device)
     step = make_step(variant, params, x, k)
 
@@ -181,68 +173,3 @@ def legacy_step(variant, M, D, N, k, dtype="float32", device="cpu"):
 
     step.reset = drop_gradients
     return step
-
-
-def memory_profile(variant, M, D, N, k, dtype=torch.float32, device="cpu") -> dict:
-    """Memory of one step beyond what is held before it (params, x, a warm-up step's gradients).
-
-    cuda: ``saved_bytes`` (allocated between forward and backward: the activations kept for
-    backward) and ``peak_bytes`` (the step's transient peak). cpu: ``peak_bytes``, the highest
-    resident set size sampled every 0.5 ms during the step over the RSS before it (gradients
-    included, since the step allocates them anew); run it in a fresh process for a clean figure.
-    """
-    params, x = make_params(M, D, N, k, dtype, device)
-    step = make_step(variant, params, x, k)
-    step()  # warm-up: gradients and caches exist from here on
-    for p in params.values():
-        p.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        loss = loss_fn(variant, params, x, k)
-        torch.cuda.synchronize()
-        saved = torch.cuda.memory_allocated() - base
-        loss.backward()
-        torch.cuda.synchronize()
-        return {"saved_bytes": saved, "peak_bytes": torch.cuda.max_memory_allocated() - base}
-    before = _rss_bytes()
-    peak = [before]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            done.wait(0.0005)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        step()
-    finally:
-        done.set()
-        sampler.join()
-    return {"peak_bytes": max(peak[0], _rss_bytes()) - before}
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", choices=VARIANTS, required=True)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--M", type=int, default=2048)
-    ap.add_argument("--D", type=int, default=768)
-    ap.add_argument("--N", type=int, default=24576)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--dtype", default="float32")
-    a = ap.parse_args()
-    mem = memory_profile(a.variant, a.M, a.D, a.N, a.k, getattr(torch, a.dtype), a.device)
-    print(json.dumps({"variant": a.variant, **mem}))
-
-
-if __name__ == "__main__":
-    main()
