@@ -44,13 +44,41 @@ def _layer_record(fvu: Tensor, l0: Optional[Tensor], dead: Optional[int], losses
     return rec
 
 
-class PerLayerTranscoders(nn.Module):
+class _PerLayer(nn.Module):
+    """What the per-layer dictionaries share: ``per_layer[j]`` serves chosen layer ``layers[j]`` alone;
+    the checkpoint names its tensors ``layer_<i>.<name>`` and each layer is exported to ``layer_<i>``."""
+
+    @property
+    def per_layer(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def replacement(self, j: int, xs: Dict[int, Tensor], memo: dict) -> Tensor:
+        return self.per_layer[j](xs[j])
+
+    def weights(self) -> Dict[str, Tensor]:
+        return {f"layer_{i}.{k}": v for i, m in zip(self.layers, self.per_layer) for k, v in m.state_dict().items()}
+
+    def load_weights(self, weights: Dict[str, Tensor]) -> None:
+        for i, m in zip(self.layers, self.per_layer):
+            own = {k[len(f"layer_{i}."):]: v for k, v in weights.items() if k.startswith(f"layer_{i}.")}
+            m.load_state_dict(own)  # RuntimeError names what does not fit
+
+    def exported(self, std_in: list, std_out: list) -> Dict[str, nn.Module]:
+        return {f"layer_{i}": fold_standardization_(copy.deepcopy(m).cpu(), std_in[j], std_out[j])
+                for j, (i, m) in enumerate(zip(self.layers, self.per_layer))}
+
+
+class PerLayerTranscoders(_PerLayer):
     """One :class:`~tckernels.nn.Transcoder` per chosen layer, trained together from one model forward."""
 
     def __init__(self, layers: List[int], transcoders: List[Transcoder]):
         super().__init__()
         self.layers = list(layers)
         self.transcoders = nn.ModuleList(transcoders)
+
+    @property
+    def per_layer(self) -> nn.ModuleList:
+        return self.transcoders
 
     def forward(self, x: Tensor, y: Tensor):
         total, per_layer = 0.0, []
@@ -65,9 +93,6 @@ class PerLayerTranscoders(nn.Module):
         for tc in self.transcoders:
             tc.l1_coefficient = value
 
-    def replacement(self, j: int, xs: Dict[int, Tensor], memo: dict) -> Tensor:
-        return self.transcoders[j](xs[j])
-
     def codes(self, j: int, x: Tensor):
         return self.transcoders[j].encode(x)
 
@@ -80,21 +105,6 @@ class PerLayerTranscoders(nn.Module):
     def thresholds(self) -> List[Tensor]:
         return [tc.threshold for tc in self.transcoders if tc.threshold is not None]
 
-    def weights(self) -> Dict[str, Tensor]:
-        return {f"layer_{i}.{k}": v for i, tc in zip(self.layers, self.transcoders) for k, v in tc.state_dict().items()}
-
-    def load_weights(self, weights: Dict[str, Tensor]) -> None:
-        _load_per_layer(self.layers, self.transcoders, weights)
-
-    def exported(self, std_in: list, std_out: list) -> Dict[str, nn.Module]:
-        return {f"layer_{i}": fold_standardization_(copy.deepcopy(tc).cpu(), std_in[j], std_out[j])
-                for j, (i, tc) in enumerate(zip(self.layers, self.transcoders))}
-
-
-def _load_per_layer(layers, modules, weights: Dict[str, Tensor]) -> None:
-    for i, m in zip(layers, modules):
-        own = {k[len(f"layer_{i}."):]: v for k, v in weights.items() if k.startswith(f"layer_{i}.")}
-        m.load_state_dict(own)  # RuntimeError names what does not fit
 
 
 class CrossLayer(nn.Module):
@@ -161,7 +171,7 @@ class CrossLayer(nn.Module):
         return {"crosslayer": fold_standardization_(copy.deepcopy(self.clt).cpu(), std_in, std_out)}
 
 
-class PerLayerBilinear(nn.Module):
+class PerLayerBilinear(_PerLayer):
     """One dense bilinear layer per chosen layer: :class:`~tckernels.nn.BilinearTranscoder` (the
     published Pythia transcoders' class) or :class:`~tckernels.nn.BilinearMLP` (``head(left(x) ⊙
     right(x))``). The objective is the reconstruction alone (``mse`` or ``fvu``), summed over layers."""
@@ -171,6 +181,10 @@ class PerLayerBilinear(nn.Module):
         self.layers = list(layers)
         self.bilinear = nn.ModuleList(modules)
         self.reconstruction_loss = reconstruction_loss
+
+    @property
+    def per_layer(self) -> nn.ModuleList:
+        return self.bilinear
 
     def forward(self, x: Tensor, y: Tensor):
         total, per_layer = 0.0, []
@@ -184,9 +198,6 @@ class PerLayerBilinear(nn.Module):
     def set_l1_coefficient(self, value: float) -> None:
         pass  # no sparsity term
 
-    def replacement(self, j: int, xs: Dict[int, Tensor], memo: dict) -> Tensor:
-        return self.bilinear[j](xs[j])
-
     def codes(self, j: int, x: Tensor):
         return None
 
@@ -199,15 +210,6 @@ class PerLayerBilinear(nn.Module):
     def thresholds(self) -> List[Tensor]:
         return []
 
-    def weights(self) -> Dict[str, Tensor]:
-        return {f"layer_{i}.{k}": v for i, m in zip(self.layers, self.bilinear) for k, v in m.state_dict().items()}
-
-    def load_weights(self, weights: Dict[str, Tensor]) -> None:
-        _load_per_layer(self.layers, self.bilinear, weights)
-
-    def exported(self, std_in: list, std_out: list) -> Dict[str, nn.Module]:
-        return {f"layer_{i}": fold_standardization_(copy.deepcopy(m).cpu(), std_in[j], std_out[j])
-                for j, (i, m) in enumerate(zip(self.layers, self.bilinear))}
 
 
 def build_dictionary(architecture: str, layers: List[int], d_in: int, d_out: int, n_features: int,
