@@ -12,7 +12,7 @@ from training.activations import capture_activations
 from training.dictionaries import CrossLayer, PerLayerTranscoders, build_dictionary
 from training.transcoders import main
 from tests.training.conftest import read_metrics
-from tests.training.test_transcoders import tc_args
+from tests.training.test_transcoders import main_keeping_trainer, tc_args
 
 CLT_TOPK = {"architecture": "crosslayer"}
 CLT_JUMPRELU = {"architecture": "crosslayer", "activation": "jumprelu", "l1_coefficient": 1e-3,
@@ -23,17 +23,7 @@ BILINEAR_MLP = {"architecture": "bilinear", "bilinear_kind": "mlp", "standardize
 
 def run_keeping_trainer(micro, out, monkeypatch, **over):
     """(exit code, the Trainer as it was when the transcoders were saved)."""
-    kept = {}
-    real_save = T.save_transcoders
-
-    def keep(tr):
-        kept["tr"] = tr
-        return real_save(tr)
-
-    monkeypatch.setattr(T, "save_transcoders", keep)
-    rc = main(tc_args(micro, out, **over))
-    monkeypatch.setattr(T, "save_transcoders", real_save)
-    return rc, kept.get("tr")
+    return main_keeping_trainer(monkeypatch, tc_args(micro, out, **over))
 
 
 def _std_inputs(tr, ins):
@@ -294,11 +284,12 @@ def test_muon_takes_the_matrices_and_adamw_the_rest(micro, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("over", [
+    {},
     {"optimizer": "muon", "adamw_learning_rate": 3e-3},
     {"architecture": "crosslayer"},
     {"architecture": "crosslayer", "optimizer": "muon"},
     {"architecture": "bilinear", "optimizer": "muon"},
-], ids=["per_layer-muon", "crosslayer-adamw", "crosslayer-muon", "bilinear-muon"])
+], ids=["per_layer-adamw", "per_layer-muon", "crosslayer-adamw", "crosslayer-muon", "bilinear-muon"])
 def test_resume_reproduces_an_uninterrupted_run(micro, tmp_path, over):
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert main(tc_args(micro, full, **over)) == 0

@@ -12,8 +12,9 @@ import yaml
 import training.transcoders as T
 from tckernels.nn import BilinearTranscoder, CrossLayerTranscoder, Transcoder, load_transcoder
 from training.config import ConfigError
-from training.transcoders import load_config, main
+from training.transcoders import load_config
 from tests.training.conftest import read_metrics
+from tests.training.test_transcoders import main_keeping_trainer
 
 CONFIGS = os.path.join(os.path.dirname(T.__file__), "configs")
 PRESETS = ["qwen25_32b_topk", "clt_jumprelu_gpt2", "clt_topk_gpt2", "bilinear_pythia410m"]
@@ -103,17 +104,9 @@ def micro_overrides(micro, name, out):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_runs_its_recipe_on_the_micro_model(micro, tmp_path, monkeypatch, name):
-    kept = {}
-    real_save = T.save_transcoders
-
-    def keep(tr):
-        kept["tr"] = tr
-        return real_save(tr)
-
-    monkeypatch.setattr(T, "save_transcoders", keep)
     out = tmp_path / "run"
-    assert main(micro_overrides(micro, name, out)) == 0
-    tr = kept["tr"]
+    rc, tr = main_keeping_trainer(monkeypatch, micro_overrides(micro, name, out))
+    assert rc == 0
     want = load_preset(name)
 
     # the recipe is the preset's: every field the overrides leave alone

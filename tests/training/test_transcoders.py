@@ -28,19 +28,28 @@ def tc_args(micro, out, **over):
     return argv
 
 
-def test_micro_run_end_to_end(micro, tmp_path, monkeypatch):
+def main_keeping_trainer(monkeypatch, argv):
+    """(exit code of ``main(argv)``, its Trainer as it was when the transcoders were saved, or None)."""
     import training.transcoders as T
 
-    trained = {}
+    kept = {}
     real_save = T.save_transcoders
 
-    def keep(tr):  # the trained modules and their standardisation, to compare the saved ones with
-        trained.update(tr=tr)
+    def keep(tr):
+        kept["tr"] = tr
         return real_save(tr)
 
     monkeypatch.setattr(T, "save_transcoders", keep)
+    rc = main(argv)
+    monkeypatch.setattr(T, "save_transcoders", real_save)
+    return rc, kept.get("tr")
+
+
+def test_micro_run_end_to_end(micro, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    assert main(tc_args(micro, out, eval_every=3)) == 0
+    # the trained modules and their standardisation, to compare the saved ones with
+    rc, tr = main_keeping_trainer(monkeypatch, tc_args(micro, out, eval_every=3))
+    assert rc == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
     val = read_metrics(out, "val")
     assert [r["when"] for r in val] == ["periodic", "end"]
@@ -50,7 +59,6 @@ def test_micro_run_end_to_end(micro, tmp_path, monkeypatch):
     assert all(x == pytest.approx(4.0) for x in f["l0"])
     assert f["kl_all"] >= 0 and 0 <= f["top1_all"] <= 1
 
-    tr = trained["tr"]
     ids = tr.val_ids[:2]
     ins, outs = capture_activations(tr.model, ids, [0, 1])
     for j, i in enumerate([0, 1]):
@@ -61,19 +69,6 @@ def test_micro_run_end_to_end(micro, tmp_path, monkeypatch):
             want = tr.std_out[j].inverse(tr.dictionary.transcoders[j](tr.std_in[j].transform(ins[:, j])))
             got = loaded(ins[:, j])
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-
-
-def test_resume_reproduces_an_uninterrupted_run(micro, tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    assert main(tc_args(micro, full)) == 0
-    assert main(tc_args(micro, cut, halt_at_step=3)) == 0
-    assert not (cut / "summary.json").exists()
-    assert main(tc_args(micro, cut, resume_from="latest")) == 0
-    a, b = read_metrics(full), read_metrics(cut)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
-    fa, fb = (json.load(open(d / "summary.json"))["final"] for d in (full, cut))
-    assert fa["fvu"] == fb["fvu"] and fa["kl_all"] == fb["kl_all"]
 
 
 def test_refuses_an_earlier_run_unless_told(micro, tmp_path, capsys):
