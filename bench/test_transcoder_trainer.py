@@ -42,10 +42,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("yaml")
 
 from bench.conftest import ROOT, write_result  # noqa: E402
-from tckernels.nn import Standardizer  # noqa: E402
 from training.activations import ActivationBuffer, ActivationStream  # noqa: E402
-from training.loop import Dist, lr_lambda  # noqa: E402
-from training.transcoders import load_config, setup, train_step  # noqa: E402
+from training.loop import Dist  # noqa: E402
+from training.transcoders import load_config, schedule, setup, train_step  # noqa: E402
 
 SMOKE = os.environ.get("TCK_BENCH_SMOKE") == "1"
 TINY_BASE = ROOT / "training" / "assets" / "tiny" / "base"
@@ -106,7 +105,7 @@ class DenseLoop:
     """The trainer's step in dense eager PyTorch, from the same initial weights (the trainer's seeded
     draws) and standardisation (estimated from the same first batches of an identical buffer)."""
 
-    def __init__(self, cfg, source: ActivationStream, buffer_tokens: int, batch_tokens: int):
+    def __init__(self, cfg, source: ActivationStream, buffer_tokens: int, batch_tokens: int, std_in, std_out):
         if cfg.activation != "topk":
             raise ValueError(f"the dense loop is TopK's; the config asks for {cfg.activation!r}")
         self.cfg = cfg
@@ -119,7 +118,11 @@ class DenseLoop:
         self.k, self.n_features = cfg.k, N
         self.aux_k = max(d_out // 2, 1)  # Transcoder's default
         self.aux_coef = 1.0 / 32.0 if cfg.aux_k_coefficient is None else float(cfg.aux_k_coefficient)
-        self.std = self._standardization(n_layers, d_in, d_out)
+        # the trainer's estimate, from the first batches of an identical buffer, which this one skips too
+        for _ in range(cfg.standardize_batches if cfg.standardize != "none" else 0):
+            self.buffer.next_batch()
+        self.std = None if cfg.standardize == "none" else [  # float32 once: two broadcast ops per step
+            (si.mean.float(), si.std.float(), so.mean.float(), so.std.float()) for si, so in zip(std_in, std_out)]
         self.params = []
         for i in range(n_layers):
             torch.manual_seed(cfg.seed * 1000 + i)
@@ -135,28 +138,8 @@ class DenseLoop:
         flat = [p for layer in self.params for p in layer.values()]
         self.optimizer = torch.optim.AdamW(flat, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        if cfg.schedule == "cosine":
-            factor = lr_lambda(cfg.max_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
-        else:
-            warmup = int(cfg.warmup_ratio * cfg.max_steps)
-            factor = lambda step: step / max(1, warmup) if step < warmup else 1.0  # noqa: E731
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(cfg))
         self.flat = flat
-
-    def _standardization(self, n_layers, d_in, d_out):
-        cfg = self.cfg
-        if cfg.standardize == "none":
-            return None
-        est_in = [Standardizer(d_in, scale=cfg.standardize) for _ in range(n_layers)]
-        est_out = [Standardizer(d_out, scale=cfg.standardize) for _ in range(n_layers)]
-        for _ in range(cfg.standardize_batches):
-            b = self.buffer.next_batch()
-            for j in range(n_layers):
-                est_in[j].update(b.inputs[:, j])
-                est_out[j].update(b.outputs[:, j])
-        # float32 once here: the dense loop's per-step standardisation is two broadcast ops
-        return [tuple(t.float() for s in (ei.compute(), eo.compute()) for t in (s.mean, s.std))
-                for ei, eo in zip(est_in, est_out)]
 
     def step(self) -> dict:
         cfg = self.cfg
@@ -218,7 +201,7 @@ def _measure(name: str, spec: dict, tmp: Path) -> dict:
     cfg = load_config(argv)
     tr = setup(cfg, Dist(cfg))
     source = tr.buffer.source
-    dense = DenseLoop(cfg, source, tr.buffer.capacity, tr.buffer.batch_tokens)
+    dense = DenseLoop(cfg, source, tr.buffer.capacity, tr.buffer.batch_tokens, tr.std_in, tr.std_out)
 
     first = {"trainer": train_step(tr)["loss"], "dense": dense.step()["loss"]}  # warm-up
     rounds = spec["rounds"]
