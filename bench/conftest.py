@@ -96,14 +96,6 @@ def _git_commit() -> dict:
     return {"git_commit": commit, "git_dirty": bool(dirty)}
 
 
-def peak_in_subprocess(variant: str, device: str, **shape) -> int:
-    """Peak memory of one step of ``variant`` (bench.transcoder_step.VARIANTS), measured in a
-    fresh interpreter by bench.harness."""
-    from bench import harness
-
-    return harness.peak_in_subprocess("bench.transcoder_step:legacy_step", device, variant=variant, **shape)
-
-
 def write_result(name: str, payload: dict) -> Path:
     results = results_dir()
     results.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ Results format (one JSON file per suite run, written by bench.conftest.write_res
   "suite": "<name>",            # e.g. "ops", "steps"
   "device": "cpu" | "<gpu label>",
   "mode": "full" | "quick" | "smoke",
-  "rounds": <int>,
+  "rounds": <int> | {"<shape set>": <int>, ...},   # the latter when the sets ran different numbers
   "figures": [
     {
       "family": "encode" | "select" | "decode" | "gather" | "scatter" | "step" | "loop",
@@ -41,7 +41,9 @@ Results format (one JSON file per suite run, written by bench.conftest.write_res
       "speedup": <float|null>,                                 # median over rounds of baseline_time / this_time, within round
       "peak_bytes": <int|null>,                                # one call, in a fresh process
       "target": <float|null>, "target_met": <bool|null>,       # speed-up target, reported not asserted
-      "error": "<str>"                                         # only when the provider failed (other fields null)
+      "error": "<str>",                                        # only when the provider failed (other fields null)
+      "extra": {...}                                           # only where a suite measures more than these
+                                                               # (tokens/s, the share of time making activations)
     }, ...
   ]
 }
@@ -309,7 +311,7 @@ class Results:
     """The figures of one suite run in the format above, rewritten after every case (a run cut
     short still leaves what it measured)."""
 
-    def __init__(self, suite: str, device: str, rounds: int):
+    def __init__(self, suite: str, device: str, rounds):
         self.suite, self.device, self.rounds = suite, device, rounds
         self.figures: List[dict] = []
         self.path: Optional[Path] = None
@@ -322,9 +324,10 @@ class Results:
             times: Optional[Sequence[float]] = None, flops: Optional[float] = None,
             nbytes: Optional[float] = None, baseline: Optional[str] = None, speedup: Optional[float] = None,
             peak_bytes: Optional[int] = None, target: Optional[float] = None,
-            error: Optional[str] = None) -> dict:
+            error: Optional[str] = None, extra: Optional[dict] = None) -> dict:
         """One figure: the times over rounds give median and quartiles and, with the work, the
-        rates; ``error`` (no times) records why the provider has no figures."""
+        rates; ``error`` (no times) records why the provider has no figures; ``extra``, what the
+        suite measured beyond the format's keys."""
         row = {"family": family, "op": op, "provider": provider, "dtype": dtype, "shape_set": shape_set,
                "shape": dict(shape), "mode": mode}
         if error is not None or not times:
@@ -337,6 +340,8 @@ class Results:
             row.update({"median_s": med, "q25_s": q25, "q75_s": q75, "tflops": tflops, "gbps": gbps,
                         "baseline": baseline, "speedup": speedup, "peak_bytes": peak_bytes, "target": target,
                         "target_met": None if target is None or speedup is None else bool(speedup >= target)})
+        if extra:
+            row["extra"] = dict(extra)
         self.figures.append(row)
         return row
 

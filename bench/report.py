@@ -5,9 +5,9 @@
     python -m bench.report --check    # exit 1 when report.md or README's section is not what the JSON gives
 
 Every result file is read as the one results format (a list of figures, each a provider at a shape
-set and mode, with its baseline, speed-up and target). Files written before their suite moved to
-that format are read through one small adapter each (``LEGACY``), so the report does not care which
-format a suite writes today; a file in neither is an error naming it.
+set and mode, with its baseline, speed-up and target). The GPU suites of bench/gpu.py write figures
+of their own (each with its "measured" value), read through one adapter (``_gpu_figures``); a file
+in neither is an error naming it.
 
 The figures need matplotlib, the ``bench`` extra: ``pip install -e ".[bench]"``.
 """
@@ -19,7 +19,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,9 +70,10 @@ def figure(**values) -> dict:
 
 
 def _derived(f: dict) -> dict:
-    """What a figure of the results format implies beyond its keys: tokens/s of a bridging step
-    (shape M: tokens per step), the time relative to the plain model of an adapter figure."""
-    f = figure(**{k: f.get(k) for k in FIGURE_KEYS})
+    """A figure of the results format with its ``extra`` and what it implies beyond its keys:
+    tokens/s of a bridging step (shape M: tokens per step), the time relative to the plain model of
+    an adapter figure."""
+    f = figure(**{k: f.get(k) for k in FIGURE_KEYS}, extra=f.get("extra"))
     if f["op"] == "bridging_step" and f["median_s"] and (f["shape"] or {}).get("M"):
         f["extra"]["tokens_per_s"] = f["shape"]["M"] / f["median_s"]
     if f["family"] == "adapter" and f["baseline"] == "plain" and f["speedup"]:
@@ -81,56 +82,11 @@ def _derived(f: dict) -> dict:
 
 
 def _from_results_format(name: str, data: dict) -> Source:
-    return Source(name, data["suite"], data["device"], data.get("mode"), data.get("rounds"),
+    rounds = data.get("rounds")
+    if isinstance(rounds, dict):  # the shape sets ran different numbers of rounds
+        rounds = ", ".join(f"{n} ({s})" for s, n in rounds.items())
+    return Source(name, data["suite"], data["device"], data.get("mode"), rounds,
                   data.get("environment", {}), [_derived(f) for f in data["figures"]])
-
-
-def _topk_step(name: str, data: dict) -> Source:
-    """bench/test_transcoder_step_cpu.py: one TopK training step, tckernels against two baselines."""
-    providers = {"tckernels": "tckernels", "dense": "dense_eager", "embbag": "embedding_bag"}
-    common = dict(family="step", op="topk_step", dtype=data["dtype"], shape_set="gpt2", shape=data["shape"],
-                  mode="full")
-
-    def times(v):
-        return data["step_seconds"][v]
-
-    out = []
-    for v, provider in providers.items():
-        q = statistics.quantiles(times(v), n=4)
-        stats = dict(median_s=data["median_s"][v], q25_s=q[0], q75_s=q[2], peak_bytes=data["peak_step_bytes"][v])
-        if v == "tckernels":
-            # one figure per baseline: the format compares a figure with one provider
-            for base, speedup in data["speedup_vs"].items():
-                target = data["targets"].get(base)
-                out.append(figure(**common, provider=provider, baseline=providers[base], speedup=speedup,
-                                  target=target, target_met=None if target is None else speedup >= target, **stats))
-        else:
-            out.append(figure(**common, provider=provider, **stats))
-    return Source(name, "transcoder_step", "cpu", None, data["rounds"], data["environment"], out, "legacy")
-
-
-def _trainer(name: str, data: dict) -> Source:
-    """bench/test_transcoder_trainer.py: the transcoder loop against the same loop in dense PyTorch."""
-    providers = {"trainer": "tckernels", "dense": "dense_eager"}
-    out = []
-    rounds = {}
-    for shape_set, r in data["shapes"].items():
-        rounds[shape_set] = r["rounds"]
-        c = r["config"]
-        shape = {"M": c["batch_tokens"], "D": c["d_in"], "N": c["n_features"], "k": c["k"], "layers": len(c["layers"])}
-        for v, provider in providers.items():
-            q = statistics.quantiles(r["step_seconds"][v], n=4)
-            extra = {"tokens_per_s": r["tokens_per_s"][v], "activation_share": r["activation_share"][v],
-                     "rounds": r["rounds"]}
-            ours = v == "trainer"
-            out.append(figure(family="loop", op="transcoder_trainer", provider=provider, dtype=c["dtype"],
-                              shape_set=shape_set, shape=shape, mode="full", median_s=r["median_step_s"][v],
-                              q25_s=q[0], q75_s=q[2], baseline="dense_eager" if ours else None,
-                              speedup=r["speedup"] if ours else None, target=r["target"] if ours else None,
-                              target_met=r["target_met"] if ours else None, extra=extra))
-    # the shape sets ran different numbers of rounds: each figure has its own
-    return Source(name, "transcoder_trainer", "cpu", data.get("mode"),
-                  ", ".join(f"{n} ({s})" for s, n in rounds.items()), data["environment"], out, "legacy")
 
 
 GPU_SUITES = ("gpu_kernels", "gpu_transcoder_step")
@@ -176,26 +132,17 @@ def _gpu_figures(name: str, data: dict) -> Source:
     return Source(name, suite, device, data.get("mode"), data.get("rounds"), data.get("environment", {}), out, "legacy")
 
 
-# Files written in a schema of their own, before their suite moved to the results format.
-LEGACY: Dict[str, Callable[[str, dict], Source]] = {
-    "cpu_transcoder_step.json": _topk_step,
-    "transcoder_trainer.json": _trainer,
-}
-
-
 def read(path: Path) -> Source:
     data = json.loads(path.read_text())
     try:
-        if "suite" in data and "figures" in data:  # a ported suite keeps its file name: the format wins
+        if "suite" in data and "figures" in data:
             return _from_results_format(path.name, data)
-        if path.name in LEGACY:
-            return LEGACY[path.name](path.name, data)
         if isinstance(data.get("figures"), list) and all("measured" in r for r in data["figures"]):
             return _gpu_figures(path.name, data)
     except (KeyError, TypeError, ValueError, statistics.StatisticsError) as e:
         raise SystemExit(f"bench.report: {path}: not the schema expected of it ({type(e).__name__}: {e})") from None
-    raise SystemExit(f"bench.report: {path}: neither the results format (suite + figures) nor a known legacy file "
-                     f"({', '.join(sorted(LEGACY))})")
+    raise SystemExit(f"bench.report: {path}: neither the results format (suite + figures) nor bench/gpu.py's "
+                     f"figures (each with \"measured\")")
 
 
 def load(results: Path = RESULTS) -> List[Source]:
@@ -381,24 +328,36 @@ def _caption(figs: List[dict], sources: List[Source], what: str) -> str:
 
 
 def readme_step_table(figs: List[dict], sources: List[Source]) -> List[str]:
-    """One op of the step family with one shape set: a column per provider."""
-    ours = [f for f in figs if f["baseline"] is not None]
+    """The step family at one shape set: a column per provider, a row per (op, mode) for the
+    medians and for tckernels' speed-ups (each under the baseline it is taken against), and the
+    peak memory of the whole steps."""
+    def op_of(f):  # the encoder GEMM is the floor of the topk_step it is timed with
+        return "topk_step" if f["op"] == "gemm" else f["op"]
+
+    cases = list(dict.fromkeys((op_of(f), f["mode"]) for f in figs))
     # a baseline that has no figure of its own still gets its column: the speed-up against it goes there
-    providers = list(dict.fromkeys([f["provider"] for f in ours] + [f["provider"] for f in figs] +
-                                   [f["baseline"] for f in ours]))
-    first = {p: next((f for f in figs if f["provider"] == p), None) for p in providers}
-    speedups = {f["baseline"]: fmt_speedup(f) for f in ours}
+    providers = list(dict.fromkeys([f["provider"] for f in figs] + [f["baseline"] for f in figs if f["baseline"]]))
+    ours = list(dict.fromkeys(f["provider"] for f in figs if f["provider"].startswith("tckernels")))
+    first = {}  # (op, mode, provider) -> its figure (its rows against each baseline share the times)
+    for f in figs:
+        first.setdefault((op_of(f), f["mode"], f["provider"]), f)
+    against = {(op_of(f), f["mode"], f["provider"], f["baseline"]): f for f in figs if f["baseline"]}
 
-    def cells(fmt, key):
-        return [DASH if first[p] is None else fmt(first[p][key]) for p in providers]
+    def name(op, mode):
+        return f"{op} {mode}"
 
-    lines = [_caption(figs, sources, f"`{figs[0]['op']}`, {figs[0]['dtype']}, {fmt_shape(figs[0]['shape'])}"), ""]
-    lines += table([""] + [p if first[p] is None else label(first[p]) for p in providers], [
-        ["median step"] + cells(fmt_time, "median_s"),
-        [f"speed-up of {label(ours[0])}" if ours else "speed-up"] + [speedups.get(p, DASH) for p in providers],
-        ["peak memory of a step"] + cells(fmt_bytes, "peak_bytes"),
-    ])
-    return lines
+    rows = [[f"median, {name(o, m)}"] + [fmt_time(first[o, m, p]["median_s"]) if (o, m, p) in first else DASH
+                                         for p in providers] for o, m in cases]
+    for us in ours:
+        rows += [[f"speed-up of {us}, {name(o, m)}"] + [fmt_speedup(against[o, m, us, p]) if (o, m, us, p) in against
+                                                         else DASH for p in providers] for o, m in cases]
+    rows += [[f"peak memory, {name(o, m)}"] + [fmt_bytes(first[o, m, p]["peak_bytes"]) if (o, m, p) in first else DASH
+                                               for p in providers] for o, m in cases if m == "full"]
+    ops = ", ".join(f"`{o}`" for o in dict.fromkeys(o for o, _ in cases))
+    lines = [_caption(figs, sources, f"{ops}, {figs[0]['dtype']}, {fmt_shape(figs[0]['shape'])}"), ""]
+    heads = [label(next(f for f in figs if f["provider"] == p)) if any(f["provider"] == p for f in figs)
+             else LABELS.get(p, p) for p in providers]
+    return lines + table([""] + heads, rows)
 
 
 def readme_loop_table(figs: List[dict], sources: List[Source]) -> List[str]:
@@ -489,15 +448,11 @@ def readme_family_table(figs: List[dict]) -> List[str]:
 def readme_section(sources: List[Source]) -> str:
     figs = all_figures(sources)
     lines = [BEGIN, "<!-- generated by `python -m bench.report --readme` from bench/results/*.json -->", ""]
-    ops = list(dict.fromkeys(f["op"] for f in figs if f["family"] in STEP_FAMILIES and f["family"] != "adapter"))
-    for op in ops:
-        these = [f for f in figs if f["op"] == op and f["family"] != "adapter"]
-        if any("tokens_per_s" in f["extra"] for f in these):
-            lines += readme_loop_table(these, sources)
-        else:
-            for s in dict.fromkeys(f["shape_set"] for f in these):
-                lines += readme_step_table([f for f in these if f["shape_set"] == s], sources)
-        lines.append("")
+    steps = [f for f in figs if f["family"] == "step"]
+    for s in dict.fromkeys(f["shape_set"] for f in steps):
+        lines += readme_step_table([f for f in steps if f["shape_set"] == s], sources) + [""]
+    for op in dict.fromkeys(f["op"] for f in figs if f["family"] == "loop"):
+        lines += readme_loop_table([f for f in figs if f["op"] == op and f["family"] == "loop"], sources) + [""]
     adapters = [f for f in figs if f["family"] == "adapter"]
     if any(f["shape_set"] == ADAPTER_SET for f in adapters):
         lines += readme_overhead_table([f for f in adapters if f["shape_set"] == ADAPTER_SET], sources) + [""]

@@ -32,6 +32,10 @@ Cases (family ``adapter`` unless named; each case's providers timed in the same 
                  above; ``sparse_relu`` against the same step with ``dense_formula`` (baseline).
                  Both trainers draw the same batches in the same order; shape M is the mean real
                  tokens per step (tokens/s = M / median_s).
+On CUDA (bfloat16) the model is mid-size: Qwen2.5-1.5B's width (d=1536, intermediate 8960, 12
+heads, 2 KV heads), 8 layers, vocab 32768, F=3584 (F/d ≈ 2.3), a [8, 512] forward, 64 generated
+tokens after a 64-token prompt, the sweep F in (3584, 8192, 16384, 32768) without a target; the
+bridging step stays on training/configs/tiny.yaml's pair, the only one the repository ships.
 Shapes: M tokens of a call, D the hidden size, N the features per layer, k the target L0 (TopK's k),
 layers. Peak memory is not measured (peak_bytes null). Smoke mode: a d=64 model, F up to 512, a
 micro-batch of 2 sequences, 2 rounds; its numbers mean nothing.
@@ -73,6 +77,13 @@ if SMOKE:
     N_FEATURES, SWEEP = 128, (64, 128, 256, 512)
     FORWARD, GENERATE = dict(batch=2, seq=16), dict(batch=1, prompt=4, new_tokens=4)
     STEP_OVERRIDES = {"micro_batch_size": 2}
+elif DEVICE == "cuda":
+    # mid-size: Qwen2.5-1.5B's width and heads, 8 of its 28 layers, with the paper's F/d and L0
+    SHAPE = dict(vocab_size=32768, hidden_size=1536, intermediate_size=8960, num_hidden_layers=8,
+                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=2048)
+    N_FEATURES, SWEEP = 3584, (3584, 8192, 16384, 32768)
+    FORWARD, GENERATE = dict(batch=8, seq=512), dict(batch=1, prompt=64, new_tokens=64)
+    STEP_OVERRIDES = {}
 else:
     SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=2688, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
@@ -81,7 +92,9 @@ else:
     STEP_OVERRIDES = {}
 TARGET_L0 = 8
 OFF_TARGET = 1 / 1.25  # adapters off: forward within 1.25x of plain
-SWEEP_FROM = SWEEP[2]  # sparse faster than the dense formula from this F on (4096; reported, not asserted)
+# sparse faster than the dense formula from this F on (4096 at d=512; reported, not asserted). The
+# target is the CPU model's; the mid-size GPU model reports its crossover without one.
+SWEEP_FROM = None if DEVICE == "cuda" and not SMOKE else SWEEP[2]
 PROVIDERS = ("plain", "adapters_off", "sparse_relu", "topk", "dense_formula")
 STEP_PROVIDERS = ("sparse_relu", "dense_formula")
 TINY_CONFIG = ROOT / "training" / "configs" / "tiny.yaml"
@@ -349,7 +362,7 @@ def crossover(speedups: dict):
 def test_feature_sweep(results, n_features):
     x, _ = _inputs()
     ms = build_models(n_features, ("sparse_relu", "dense_formula"))
-    targets = {"sparse_relu": 1.0} if n_features >= SWEEP_FROM else {}
+    targets = {"sparse_relu": 1.0} if SWEEP_FROM is not None and n_features >= SWEEP_FROM else {}
     times, errors = _timed_case(results, "forward", forward_fn, f"f{n_features}", _shape(x.numel(), n_features), ms,
                                 "dense_formula", targets)
     sweep = results.diagnostics.setdefault("sweep", {"speedup": {}, "l0": {}})
@@ -357,7 +370,8 @@ def test_feature_sweep(results, n_features):
     sweep["l0"][str(n_features)] = mean_l0(ms["sparse_relu"], lambda: ms["sparse_relu"](x))
     got = {int(n): s for n, s in sweep["speedup"].items()}
     results.diagnostics["crossover_F"] = crossover(got) if len(got) == len(SWEEP) else None
-    results.diagnostics["crossover_target"] = f"sparse faster than the dense formula once F >= {SWEEP_FROM}"
+    results.diagnostics["crossover_target"] = (f"sparse faster than the dense formula once F >= {SWEEP_FROM}"
+                                               if SWEEP_FROM is not None else None)
     _write(results)
     assert not errors, errors
 

@@ -9,9 +9,10 @@ Families and their providers (one test per family, dtype, shape set and mode; th
 test are timed in the same interleaved rounds, which a within-round speed-up needs):
   encode  encode_topk: tckernels on each backend, dense_eager (F.linear + relu + torch.topk),
           dense_compile (the same under torch.compile), sparsify (EleutherAI sparsify's fused
-          encoder, when importable); gemm, a bare x @ W.T of the encoder's shape (forward only)
+          encoder, eai-sparsify 1.3.3, the bench extra); gemm, a bare x @ W.T of the encoder's shape (forward only)
   decode  sparse_decode: tckernels on each backend, embedding_bag (F.embedding_bag), dense_eager
-          (scatter into a dense [M, N], then a matmul), sparsify (its decoder, when importable);
+          (scatter into a dense [M, N], then a matmul), sparsify (its decoder: its Triton kernel on
+          CUDA, its F.embedding_bag fallback on the CPU, see bench/peers.py);
           memcpy, a device copy of the decoder's weights (forward only)
 Modes: forward (no autograd), backward (the backward of one recorded forward, given the output's
 gradient), full (forward and backward).
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 import tckernels
 from bench import harness, shapes
+from bench.peers import sparsify_unavailable
 
 DEVICE = harness.default_device()
 ROUNDS = harness.rounds_for(DEVICE)
@@ -83,23 +85,15 @@ def backend_reason(name: str):
     return _backend.unavailable_reason(name, DEVICE)
 
 
-def _sparsify_reason():
-    try:
-        import sparsify  # noqa: F401
-    except ImportError as exc:
-        return f"sparsify (pip package eai-sparsify) is not importable: {exc}"
-    return None
-
-
 def providers(family: str, mode: str) -> dict:
     """provider name -> None when it runs here, else why not."""
     out = {f"tckernels[{b}]": backend_reason(b) for b in BACKENDS}
     if family == "encode":
-        out.update(dense_eager=None, dense_compile=None, sparsify=_sparsify_reason())
+        out.update(dense_eager=None, dense_compile=None, sparsify=sparsify_unavailable(DEVICE))
         if mode == "forward":
             out["gemm"] = None
     else:
-        out.update(embedding_bag=None, dense_eager=None, sparsify=_sparsify_reason())
+        out.update(embedding_bag=None, dense_eager=None, sparsify=sparsify_unavailable(DEVICE))
         if mode == "forward":
             out["memcpy"] = None
     return out

@@ -20,8 +20,10 @@ start from the same weights and standardisation, so their first losses agree (re
 of the trainer's time that goes to making activations (the model forwards of its ActivationStream)
 is read from the stream's ``seconds``; the rounds span whole refills of the buffer, so each token
 trained was made once within them. TCK_BENCH_SMOKE=1 runs both entries at toy sizes (its numbers
-mean nothing). Writes transcoder_trainer.json to the folder ``bench.conftest.results_dir`` names.
-A missed target is reported, not failed.
+mean nothing). Writes transcoder_trainer_cpu.json in bench/harness.py's results format (family
+"loop", op "transcoder_trainer", providers tckernels and dense_eager; each figure's "extra" holds
+tokens/s, the activation share, the first-step loss and the configuration) to the folder
+``bench.conftest.results_dir`` names. A missed target is reported, not failed.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 pytest.importorskip("yaml")
 
-from bench.conftest import ROOT, write_result  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.conftest import ROOT  # noqa: E402
 from training.activations import ActivationBuffer, ActivationStream  # noqa: E402
 from training.loop import Dist  # noqa: E402
 from training.transcoders import load_config, schedule, setup, train_step  # noqa: E402
@@ -49,7 +52,6 @@ from training.transcoders import load_config, schedule, setup, train_step  # noq
 SMOKE = os.environ.get("TCK_BENCH_SMOKE") == "1"
 TINY_BASE = ROOT / "training" / "assets" / "tiny" / "base"
 TINY_TEXT = ROOT / "training" / "assets" / "tiny" / "train.jsonl"
-RESULT = "transcoder_trainer.json"
 TARGET = 3.0  # trainer tokens/s over the dense loop's, at the gpt2 shape
 
 # model: None for the shipped tiny model, else the random Qwen2's sizes. overrides: config fields.
@@ -86,7 +88,11 @@ if SMOKE:
         ),
     }
 
-_results: dict = {}
+@pytest.fixture(scope="module")
+def results():
+    r = harness.Results("transcoder_trainer", "cpu", {name: spec["rounds"] for name, spec in SHAPES.items()})
+    yield r
+    r.report()
 
 
 def _random_model(path: Path, sizes: dict) -> None:
@@ -272,13 +278,30 @@ def _summary(name: str, r: dict) -> str:
                    f"({100 * r['activation_share']['dense']:.0f}% of the dense loop's)")
 
 
+def _rows(results, name: str, r: dict) -> None:
+    c = r["config"]
+    common = dict(family="loop", op="transcoder_trainer", dtype=c["dtype"], shape_set=name, mode="full",
+                  shape={"M": c["batch_tokens"], "D": c["d_in"], "N": c["n_features"], "k": c["k"],
+                         "layers": len(c["layers"])})
+    for loop, provider in (("trainer", "tckernels"), ("dense", "dense_eager")):
+        extra = {"tokens_per_s": r["tokens_per_s"][loop], "activation_share": r["activation_share"][loop],
+                 "first_step_loss": r["first_step_loss"][loop], "rounds": r["rounds"]}
+        if loop == "trainer":
+            extra.update(config=c, tokens_made_in_rounds=r["tokens_made_in_rounds"],
+                         tokens_trained_in_rounds=r["tokens_trained_in_rounds"],
+                         dead_features_last_step=r["dead_features_last_step"])
+        ours = loop == "trainer"
+        results.row(provider=provider, times=r["step_seconds"][loop], baseline="dense_eager" if ours else None,
+                    speedup=r["speedup"] if ours else None, target=r["target"] if ours else None,
+                    extra=extra, **common)
+
+
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_trainer_vs_dense_loop(name):
+def test_trainer_vs_dense_loop(results, name):
     with tempfile.TemporaryDirectory(prefix="tck-bench-trainer-") as tmp:
         r = _measure(name, SHAPES[name], Path(tmp))
-    _results[name] = r
-    path = write_result(RESULT, {"mode": "smoke" if SMOKE else "full", "target": {"gpt2": TARGET},
-                                 "shapes": _results})
+    _rows(results, name, r)
+    path = results.write()
     print("\n" + _summary(name, r))
     print(f"first-step loss: trainer {r['first_step_loss']['trainer']:.6f}, "
           f"dense loop {r['first_step_loss']['dense']:.6f}")

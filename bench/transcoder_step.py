@@ -1,15 +1,17 @@
-"""One TopK transcoder training step (encode -> decode -> MSE -> backward), three ways:
+"""One TopK transcoder training step (encode -> decode -> MSE -> backward), the ways the step
+family of bench/test_transcoder_step.py times it:
 
-  tckernels   encode_topk -> sparse_decode (sparse backward, [M, k] activations only)
-  dense       linear -> relu -> topk -> scatter into a dense [M, N] -> linear (dense eager PyTorch)
-  embbag      the same encoder, F.embedding_bag decoder (what popular SAE libraries use)
+  tckernels      encode_topk -> sparse_decode (sparse backward, [M, k] activations only)
+  dense_eager    linear -> relu -> topk -> scatter into a dense [M, N] -> linear (dense eager PyTorch)
+  embedding_bag  the same encoder, an F.embedding_bag decoder (what popular SAE libraries use)
+  dense_compile  dense_eager's loss under torch.compile
+  sparsify       EleutherAI sparsify's SparseCoder, its own step (FVU loss; bench/peers.py)
+  gemm           the encoder's bare GEMM x @ W_enc.T, forward only: the floor of a step whose other
+                 parts are all sparse
 
-and, where EleutherAI's sparsify is installed, its SparseCoder's own step (sparsify_step).
-
-``build_step`` makes the step family's calls for bench/test_transcoder_step_cpu.py: each of
-PROVIDERS' losses (the three above, the dense one under torch.compile, sparsify's) as a forward,
-a backward, or a whole training step with AdamW; bench/harness.py times them and measures their
-peak memory in a fresh process (``legacy_step`` is the M=2048 target's step, measured the same way).
+``build_step`` makes one timed call of a provider (forward, backward, or the whole step with or
+without AdamW); bench/harness.py times them and measures their peak memory in a fresh process.
+``make_step`` and ``sparsify_step`` are the GPU step suite's (bench/test_gpu_transcoder_step.py).
 """
 from __future__ import annotations
 
@@ -70,34 +72,10 @@ def make_step(variant, params, x, k):
     return step
 
 
-def sparsify_step(params, x, k):
-    """EleutherAI sparsify's own training step (its SparseCoder: fused encoder with an index_add
-    backward, its Triton embedding-bag decoder, FVU loss) on a copy of ``params``. Raises
-    ImportError when sparsify (pip package eai-sparsify) is not installed."""
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    W_enc, b_enc, W_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
-    N, D = W_enc.shape
-    cfg = SparseCoderConfig(activation="topk", num_latents=N, k=k, normalize_decoder=False)
-    sae = SparseCoder(D, cfg, device=W_enc.device, dtype=W_enc.dtype)
-    with torch.no_grad():
-        sae.encoder.weight.copy_(W_enc)
-        sae.encoder.bias.copy_(b_enc)
-        sae.W_dec.copy_(W_dec)
-        sae.b_dec.copy_(b_dec)
-
-    def step():
-        sae.zero_grad(set_to_none=True)
-        out = sae(x)
-        out.fvu.backward()
-        return out.fvu
-
-    return step
-
-
-# The step family's providers: the name in the results -> the loss it differentiates.
-PROVIDERS = {"tckernels[cpu]": "tckernels", "dense_eager": "dense", "embedding_bag": "embbag",
-             "dense_compile": "dense_compile", "sparsify": "sparsify"}
+# The step family's providers: the name in the results -> the loss it differentiates ("gemm": no
+# loss, the encoder's bare GEMM, the floor of every step). tckernels' rows carry their backend.
+PROVIDERS = ("tckernels", "dense_eager", "embedding_bag", "dense_compile", "sparsify", "gemm")
+_LOSS = {"dense_eager": "dense", "embedding_bag": "embbag"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,66 +87,94 @@ def _compiled_loss(backend: str):
     return torch.compile(functools.partial(loss_fn, "dense"), backend=backend)
 
 
-def loss_closure(variant, params, x, k, compile_backend="inductor"):
-    """(loss(), the leaves it is differentiated with respect to) for one of PROVIDERS' values."""
-    if variant == "sparsify":
-        from sparsify import SparseCoder, SparseCoderConfig
+def _sparsify_coder(params, x, k):
+    """EleutherAI sparsify's SparseCoder with ``params``' values (its fused encoder with an
+    index_add backward, its decoder, its FVU loss)."""
+    from sparsify import SparseCoder, SparseCoderConfig
 
-        N, D = params["W_enc"].shape
-        cfg = SparseCoderConfig(activation="topk", num_latents=N, k=k, normalize_decoder=False)
-        sae = SparseCoder(D, cfg, device=x.device, dtype=x.dtype)
-        with torch.no_grad():
-            sae.encoder.weight.copy_(params["W_enc"])
-            sae.encoder.bias.copy_(params["b_enc"])
-            sae.W_dec.copy_(params["W_dec"])
-            sae.b_dec.copy_(params["b_dec"])
+    N, D = params["W_enc"].shape
+    cfg = SparseCoderConfig(activation="topk", num_latents=N, k=k, normalize_decoder=False)
+    sae = SparseCoder(D, cfg, device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(params["W_enc"])
+        sae.encoder.bias.copy_(params["b_enc"])
+        sae.W_dec.copy_(params["W_dec"])
+        sae.b_dec.copy_(params["b_dec"])
+    return sae
+
+
+def sparsify_step(params, x, k):
+    """sparsify's own training step (zero grad, forward, FVU backward) on a copy of ``params``.
+    Raises ImportError when sparsify (pip package eai-sparsify) is not installed."""
+    sae = _sparsify_coder(params, x, k)
+
+    def step():
+        sae.zero_grad(set_to_none=True)
+        out = sae(x)
+        out.fvu.backward()
+        return out.fvu
+
+    return step
+
+
+def loss_closure(provider, params, x, k, compile_backend="inductor", backend=None):
+    """(loss(), the leaves it is differentiated with respect to) for one of PROVIDERS but gemm;
+    tckernels' ops run on ``backend`` (None: the device's default)."""
+    if provider == "sparsify":
+        sae = _sparsify_coder(params, x, k)
         return (lambda: sae(x).fvu), list(sae.parameters())
     leaves = list(params.values())
-    if variant == "dense_compile":
+    if provider == "dense_compile":
         compiled = _compiled_loss(compile_backend)
         return (lambda: compiled(params, x, k)), leaves
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(PROVIDERS.values())}, got {variant!r}")
-    return (lambda: loss_fn(variant, params, x, k)), leaves
+    if provider == "tckernels":
+        def loss():
+            with tckernels.use_backend(backend):  # the backward takes the forward's backend
+                return loss_fn("tckernels", params, x, k)
+
+        return (loss if backend else (lambda: loss_fn("tckernels", params, x, k))), leaves
+    if provider not in _LOSS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    return (lambda: loss_fn(_LOSS[provider], params, x, k)), leaves
 
 
 def build_step(provider, mode, M, D, N, k, dtype="float32", device="cpu", compile_backend="inductor",
-               params=None, x=None):
+               backend=None, optimizer=False, params=None, x=None):
     """The callable one timed call of ``provider`` makes in ``mode``: "forward" (the loss, recording
     autograd's graph as training does), "backward" (the gradients of one recorded loss) or "full"
-    (zero the gradients, forward, backward, an AdamW step). Parameters of its own unless given."""
+    (zero the gradients, forward, backward; with ``optimizer``, an AdamW step too). "gemm" is the
+    encoder's bare GEMM in every mode. Parameters of its own unless given."""
     if params is None:
         params, x = make_params(M, D, N, k, dtype=getattr(torch, dtype), device=device)
-    loss, leaves = loss_closure(PROVIDERS[provider], params, x, k, compile_backend)
+    if provider == "gemm":
+        W = params["W_enc"].detach()
+
+        def gemm():
+            with torch.no_grad():
+                return x @ W.t()
+
+        return gemm
+    loss, leaves = loss_closure(provider, params, x, k, compile_backend, backend)
     if mode == "forward":
         return loss
     if mode == "backward":
         recorded = loss()
         return lambda: torch.autograd.grad(recorded, leaves, retain_graph=True)
-    opt = torch.optim.AdamW(leaves, lr=1e-4)
+    if mode != "full":
+        raise ValueError(f"mode must be forward, backward or full, got {mode!r}")
+    opt = torch.optim.AdamW(leaves, lr=1e-4) if optimizer else None
 
     def step():
-        opt.zero_grad(set_to_none=True)
+        for p in leaves:
+            p.grad = None
         out = loss()
         out.backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
         return out
 
     def drop_gradients():  # the measured step allocates them anew, as the first of a run does
-        opt.zero_grad(set_to_none=True)
-
-    step.reset = drop_gradients
-    return step
-
-
-def legacy_step(variant, M, D, N, k, dtype="float32", device="cpu"):
-    """make_step's step with fresh parameters, as bench.harness.peak_in_subprocess builds it:
-    the gradients of the warm-up step are dropped before the measured one, which allocates them anew."""
-    params, x = make_params(M, D, N, k, getattr(torch, dtype), device)
-    step = make_step(variant, params, x, k)
-
-    def drop_gradients():
-        for p in params.values():
+        for p in leaves:
             p.grad = None
 
     step.reset = drop_gradients

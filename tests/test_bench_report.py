@@ -1,5 +1,5 @@
 """bench.report: the report, its plots and README's performance section come from the result JSON,
-in the results format and in the legacy files' own schemas."""
+in the results format and in bench/gpu.py's figures."""
 import json
 import shutil
 from pathlib import Path
@@ -10,8 +10,9 @@ from bench import report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-LEGACY = ("cpu_transcoder_step.json", "transcoder_trainer.json")
-ADAPTER = "adapter_cpu.json"  # bench/test_adapter_overhead.py, in the results format
+STEPS = "steps_cpu.json"  # bench/test_transcoder_step.py
+TRAINER = "transcoder_trainer_cpu.json"  # bench/test_transcoder_trainer.py
+ADAPTER = "adapter_cpu.json"  # bench/test_adapter_overhead.py
 ENV = {"python": "3.11.7", "torch": "2.13.0+cpu", "tckernels": "0.1.0", "cpu": "x86_64", "threads": 2,
        "triton": "3.6.0", "git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False}
 
@@ -47,12 +48,11 @@ def ops_cpu() -> dict:
 
 @pytest.fixture
 def results(tmp_path):
-    """Both formats: an ops file in the results format, the committed adapter file and the committed
-    legacy files."""
+    """An ops file made here and the committed step, trainer and adapter files."""
     out = tmp_path / "results"
     out.mkdir()
     (out / "ops_cpu.json").write_text(json.dumps(ops_cpu(), indent=2))
-    for name in LEGACY + (ADAPTER,):
+    for name in (STEPS, TRAINER, ADAPTER):
         shutil.copy(RESULTS / name, out / name)
     return out
 
@@ -88,28 +88,28 @@ def test_results_format_rows(results):
         "## encode", "## decode", "## step", "## loop", "## adapter", "## Environment"]
 
 
-def test_legacy_rows(results):
-    step = json.loads((results / "cpu_transcoder_step.json").read_text())
-    md = report.report_md(report.load(results))
-    topk = rows(md, "topk_step")
-    assert [(r[1], r[9], r[10], r[11], r[12]) for r in topk] == [
-        ("tckernels", "dense_eager", f"{step['speedup_vs']['dense']:.2f}×", "≥ 4×", "yes"),
-        ("tckernels", "embedding_bag", f"{step['speedup_vs']['embbag']:.2f}×", "≥ 1.7×", "yes"),
-        ("dense_eager", "—", "—", "—", "—"),
-        ("embedding_bag", "—", "—", "—", "—"),
-    ]
-    assert [r[13] for r in topk] == [f"{step['peak_step_bytes'][v] / 2**20:.0f} MiB"
-                                     for v in ("tckernels", "tckernels", "dense", "embbag")]
-    assert topk[2][6] == f"{step['median_s']['dense']:.2f} s"
+def figures(results, name):
+    return json.loads((results / name).read_text())["figures"]
 
-    trainer = json.loads((results / "transcoder_trainer.json").read_text())["shapes"]
+
+def test_committed_rows(results):
+    md = report.report_md(report.load(results))
+    steps = figures(results, STEPS)
+    # every figure of the step file is a row, in the file's order: op, provider, mode, baseline, speed-up, target
+    want = [(f["op"], f["provider"], f["mode"], f["baseline"] or "—", report.fmt_x(f["speedup"]), report.fmt_target(f))
+            for f in steps]
+    got = [(r[0], r[1], r[5], r[9], r[10], r[11]) for op in ("topk_step", "gemm", "topk_train_step")
+           for r in rows(md, op)]
+    assert sorted(got) == sorted(want)
+    assert [r[1] for r in rows(md, "topk_step")] == [f["provider"] for f in steps if f["op"] == "topk_step"]
+
+    trainer = figures(results, TRAINER)
     loop = rows(md, "transcoder_trainer")
-    assert [(r[1], r[3], r[10]) for r in loop] == [
-        ("tckernels", "tiny", f"{trainer['tiny']['speedup']:.2f}×"), ("dense_eager", "tiny", "—"),
-        ("tckernels", "gpt2", f"{trainer['gpt2']['speedup']:.2f}×"), ("dense_eager", "gpt2", "—")]
+    assert [(r[1], r[3], r[10]) for r in loop] == [(f["provider"], f["shape_set"], report.fmt_x(f["speedup"]))
+                                                   for f in trainer]
 
     # the adapter file: every provider of forward and generate against plain, the sweep against the dense formula
-    adapter = json.loads((results / ADAPTER).read_text())["figures"]
+    adapter = figures(results, ADAPTER)
     want = {(f["op"], f["shape_set"], f["provider"]): f for f in adapter}
     forward = {(r[3], r[1]): r for r in rows(md, "forward")}
     assert {(s, p) for s, p in forward if s == "adapter"} == {
@@ -123,8 +123,7 @@ def test_legacy_rows(results):
                                                       "≥ 1×"]
     assert [r[1] for r in rows(md, "bridging_step")] == ["sparse_relu", "dense_formula"]
 
-    env = {r[0]: r for r in rows(md, "`transcoder_trainer.json` (legacy)")}
-    assert env, "no environment row"
+    assert rows(md, f"`{TRAINER}` (results format)"), "no environment row"
     assert rows(md, "`ops_cpu.json` (results format)")[0][1:] == [
         "cpu", "quick", "5", "3.11.7", "2.13.0+cpu", "3.6.0", "0.1.0", "x86_64", "2", "—", "—", "—", "0123456789"]
 
@@ -133,24 +132,35 @@ def test_readme_section_has_the_figures(results):
     sources = report.load(results)
     section = report.readme_section(sources)
     assert section.startswith(report.BEGIN) and section.endswith(report.END)
-    step = json.loads((results / "cpu_transcoder_step.json").read_text())
-    def shown(t):  # seconds from 1 s up, else milliseconds to 3 significant digits
-        return f"{t:.2f} s" if t >= 1 else f"{t * 1e3:.3g} ms"
+    steps = [f for f in figures(results, STEPS) if f["shape_set"] == "gpt2"]
+    providers = list(dict.fromkeys(f["provider"] for f in steps))
+    assert providers[:2] == ["tckernels[cpu]", "dense_eager"] and "gemm" in providers
+    first = {}
+    for f in steps:
+        first.setdefault((f["op"], f["mode"], f["provider"]), f)
+    # the gpt2 table is the second of each row name (the tiny set's comes first)
+    assert rows(section, "median, topk_step full")[1][1:] == [report.fmt_time(first["topk_step" if p != "gemm" else "gemm", "full", p]["median_s"])
+                                                             for p in providers]
+    ours = {f["baseline"]: f for f in steps if (f["op"], f["mode"], f["provider"]) == ("topk_step", "full", "tckernels[cpu]")}
+    cells = rows(section, "speed-up of tckernels[cpu], topk_step full")[1][1:]
+    assert cells == [report.fmt_speedup(ours[p]) if p in ours else "—" for p in providers]
+    assert set(ours) == {"dense_eager", "embedding_bag", "sparsify", "gemm"}
+    for base, target in (("dense_eager", "5"), ("embedding_bag", "2"), ("sparsify", "1.4"), ("gemm", "0.8")):
+        assert f"(target ≥ {target}×" in cells[providers.index(base)], (base, cells)
+    assert rows(section, "peak memory, topk_train_step full")[1][1] == report.fmt_bytes(
+        first["topk_train_step", "full", "tckernels[cpu]"]["peak_bytes"])
 
-    assert rows(section, "median step")[0][1:] == [shown(step['median_s'][v]) for v in ("tckernels", "dense", "embbag")]
-    assert rows(section, "speed-up of tckernels")[0][1:] == [
-        "—", f"**{step['speedup_vs']['dense']:.2f}×** (target ≥ 4×)", f"**{step['speedup_vs']['embbag']:.2f}×** (target ≥ 1.7×)"]
-    assert f"median over {step['rounds']} interleaved rounds" in section
-
-    trainer = json.loads((results / "transcoder_trainer.json").read_text())["shapes"]
-    assert rows(section, "tckernels tokens/s")[0][1:] == [f"{trainer[s]['tokens_per_s']['trainer']:,.0f}" for s in ("tiny", "gpt2")]
-    assert rows(section, "dense eager tokens/s")[0][1:] == [f"{trainer[s]['tokens_per_s']['dense']:,.0f}" for s in ("tiny", "gpt2")]
+    trainer = {(f["shape_set"], f["provider"]): f for f in figures(results, TRAINER)}
+    assert rows(section, "tckernels tokens/s")[0][1:] == [f"{trainer[s, 'tckernels']['extra']['tokens_per_s']:,.0f}"
+                                                         for s in ("tiny", "gpt2")]
+    assert rows(section, "dense eager tokens/s")[0][1:] == [f"{trainer[s, 'dense_eager']['extra']['tokens_per_s']:,.0f}"
+                                                           for s in ("tiny", "gpt2")]
     assert rows(section, "tckernels: share of time making activations")[0][1:] == [
-        f"{100 * trainer[s]['activation_share']['trainer']:.0f}%" for s in ("tiny", "gpt2")]
-    assert (f"median over {trainer['tiny']['rounds']} (tiny), {trainer['gpt2']['rounds']} (gpt2) interleaved rounds"
-            in section)
+        f"{100 * trainer[s, 'tckernels']['extra']['activation_share']:.0f}%" for s in ("tiny", "gpt2")]
+    rounds = json.loads((results / TRAINER).read_text())["rounds"]
+    assert f"median over {rounds['tiny']} (tiny), {rounds['gpt2']} (gpt2) interleaved rounds" in section
 
-    adapter = {(f["op"], f["shape_set"], f["provider"]): f for f in json.loads((results / ADAPTER).read_text())["figures"]}
+    adapter = {(f["op"], f["shape_set"], f["provider"]): f for f in figures(results, ADAPTER)}
     assert rows(section, "adapters")[0][1:] == ["off", "ReLU, L0≈8", "TopK k=8", "the original's dense formula"]
     for op in ("forward", "generate"):  # time relative to plain: the inverse of the speed-up
         assert rows(section, op)[0][1:] == [f"{1 / adapter[op, 'adapter', p]['speedup']:.2f}×"
@@ -192,9 +202,11 @@ def test_check_fails_after_a_value_changes(results, tmp_path):
     assert readme.read_text().startswith("# x\n\nprose\n\n") and readme.read_text().endswith("\n\nmore prose\n")
     assert report.main(["--check", "--results", str(results), "--readme", str(readme)]) == 0
 
-    step = json.loads((results / "cpu_transcoder_step.json").read_text())
-    step["speedup_vs"]["dense"] = 3.5
-    (results / "cpu_transcoder_step.json").write_text(json.dumps(step))
+    steps = json.loads((results / STEPS).read_text())
+    ours = next(f for f in steps["figures"] if f["shape_set"] == "gpt2" and f["baseline"] == "dense_eager"
+                and (f["op"], f["mode"], f["provider"]) == ("topk_step", "full", "tckernels[cpu]"))
+    ours["speedup"] = 3.5
+    (results / STEPS).write_text(json.dumps(steps))
     assert report.check(results, readme) == [str(results / "report.md"), f"{readme} (between {report.BEGIN} and "
                                                                          f"{report.END})"]
     assert report.main(["--check", "--results", str(results), "--readme", str(readme)]) == 1
@@ -258,6 +270,6 @@ def test_a_baseline_without_its_own_figure_keeps_its_column(tmp_path):
                        "provider": "tckernels[cpu]", "error": "RuntimeError: out of memory"}]
     (tmp_path / "steps_cpu.json").write_text(json.dumps(ops))
     section = report.readme_section(report.load(tmp_path))
-    assert rows(section, "")[0] == ["", "tckernels[cpu]", "dense_eager"]
-    assert rows(section, "speed-up of tckernels[cpu]")[0][1:] == ["—", "2.00× (target ≥ 3×, missed)"]
+    assert rows(section, "")[0] == ["", "tckernels[cpu]", "dense eager"]
+    assert rows(section, "speed-up of tckernels[cpu], topk_step full")[0][1:] == ["—", "2.00× (target ≥ 3×, missed)"]
     assert "No figures: scatter_matmul tckernels[cpu]: RuntimeError: out of memory" in section

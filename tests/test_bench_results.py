@@ -42,31 +42,36 @@ def test_the_benchmarks_accept_save():
     for flag, rc in (("--save", 0), ("--no-such-option", 4)):
         out = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
-             "bench/test_transcoder_step_cpu.py", flag],
+             "bench/test_transcoder_step.py", flag],
             cwd=ROOT, capture_output=True, text=True,
         )
         assert out.returncode == rc, out.stdout + out.stderr
 
 
-TRAINER_FIELDS = {"config", "rounds", "step_seconds", "median_step_s", "tokens_per_s", "speedup_per_round",
-                  "speedup", "target", "target_met", "activation_share", "first_step_loss"}
-
-
 def _check_trainer_result(report: dict, mode: str) -> None:
-    assert report["mode"] == mode
+    """The trainer suite in the results format: both loops at both shape sets, the figures the
+    report and README quote in each figure's extra."""
+    assert report["suite"] == "transcoder_trainer" and report["mode"] == mode
     assert {"torch", "git_commit"} <= set(report["environment"])
-    assert set(report["shapes"]) == {"tiny", "gpt2"}
-    for name, r in report["shapes"].items():
-        assert TRAINER_FIELDS <= set(r), (name, sorted(TRAINER_FIELDS - set(r)))
-        for loop in ("trainer", "dense"):
-            assert len(r["step_seconds"][loop]) == r["rounds"] and r["tokens_per_s"][loop] > 0
-            assert 0 < r["activation_share"][loop] < 1
-        assert len(r["speedup_per_round"]) == r["rounds"]
+    rows = {(r["shape_set"], r["provider"]): r for r in report["figures"]}
+    assert set(rows) == {(s, p) for s in ("tiny", "gpt2") for p in ("tckernels", "dense_eager")}
+    for (name, provider), r in rows.items():
+        assert (r["family"], r["op"], r["mode"]) == ("loop", "transcoder_trainer", "full") and not r.get("error")
+        assert r["q25_s"] <= r["median_s"] <= r["q75_s"] and r["median_s"] > 0
+        extra = r["extra"]
+        assert extra["tokens_per_s"] == pytest.approx(r["shape"]["M"] / r["median_s"])
+        assert 0 < extra["activation_share"] < 1 and extra["rounds"] == report["rounds"][name]
+        assert (r["baseline"], r["speedup"] is None) == (("dense_eager", False) if provider == "tckernels"
+                                                         else (None, True))
+    for name in ("tiny", "gpt2"):
+        ours, dense = rows[name, "tckernels"], rows[name, "dense_eager"]
+        assert ours["extra"]["tokens_made_in_rounds"] == ours["extra"]["tokens_trained_in_rounds"]
         # both loops start from the same weights, standardisation and batch
-        first = r["first_step_loss"]
-        assert abs(first["trainer"] - first["dense"]) <= 1e-4 * abs(first["dense"]), (name, first)
-    gpt2 = report["shapes"]["gpt2"]
+        first, first_dense = ours["extra"]["first_step_loss"], dense["extra"]["first_step_loss"]
+        assert abs(first - first_dense) <= 1e-4 * abs(first_dense), (name, first, first_dense)
+    gpt2 = rows["gpt2", "tckernels"]
     assert gpt2["target"] == 3.0 and gpt2["target_met"] == (gpt2["speedup"] >= gpt2["target"])
+    assert rows["tiny", "tckernels"]["target"] is None
 
 
 def test_the_trainer_benchmark_smoke(tmp_path):
@@ -78,14 +83,15 @@ def test_the_trainer_benchmark_smoke(tmp_path):
                            "bench/test_transcoder_trainer.py"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-    _check_trainer_result(json.loads((tmp_path / "transcoder_trainer.json").read_text()), "smoke")
+    _check_trainer_result(json.loads((tmp_path / "transcoder_trainer_cpu.json").read_text()), "smoke")
 
 
 def test_the_committed_trainer_result():
-    path = ROOT / "bench" / "results" / "transcoder_trainer.json"
-    report = json.loads(path.read_text())
+    report = json.loads((ROOT / "bench" / "results" / "transcoder_trainer_cpu.json").read_text())
     _check_trainer_result(report, "full")
-    assert report["shapes"]["gpt2"]["config"]["n_features"] == 24576
+    gpt2 = next(r for r in report["figures"] if (r["shape_set"], r["provider"]) == ("gpt2", "tckernels"))
+    assert gpt2["shape"] == {"M": 2048, "D": 768, "N": 24576, "k": 32, "layers": 2}
+    assert gpt2["extra"]["config"]["n_features"] == 24576
 
 
 # --- the op and step benchmarks' common format (bench/harness.py) --------------------------------
@@ -93,16 +99,20 @@ def test_the_committed_trainer_result():
 ROW_FIELDS = {"family", "op", "provider", "dtype", "shape_set", "shape", "mode", "median_s", "q25_s", "q75_s",
               "tflops", "gbps", "baseline", "speedup", "peak_bytes", "target", "target_met"}
 BACKEND_PROVIDERS = {f"tckernels[{b}]" for b in ("reference", "cpu", "cuda", "triton")}
-EXPECTED_PROVIDERS = {  # (family, mode) -> every provider that must have a row: figures or a reason
-    **{("encode", m): BACKEND_PROVIDERS | {"dense_eager", "dense_compile", "sparsify"} for m in
+STEP_PROVIDERS = {"tckernels[cpu]", "dense_eager", "embedding_bag", "dense_compile", "sparsify"}
+EXPECTED_PROVIDERS = {  # (family, op, mode) -> every provider that must have a row: figures or a reason
+    **{("encode", "encode_topk", m): BACKEND_PROVIDERS | {"dense_eager", "dense_compile", "sparsify"} for m in
        ("forward", "backward", "full")},
-    **{("decode", m): BACKEND_PROVIDERS | {"dense_eager", "embedding_bag", "sparsify"} for m in
+    **{("decode", "sparse_decode", m): BACKEND_PROVIDERS | {"dense_eager", "embedding_bag", "sparsify"} for m in
        ("forward", "backward", "full")},
-    **{("step", m): {"tckernels[cpu]", "dense_eager", "embedding_bag", "dense_compile", "sparsify"} for m in
-       ("forward", "backward", "full")},
+    **{("step", "topk_step", m): set(STEP_PROVIDERS) for m in ("forward", "backward", "full")},
+    ("step", "topk_train_step", "full"): set(STEP_PROVIDERS),
 }
-EXPECTED_PROVIDERS[("encode", "forward")] |= {"gemm"}
-EXPECTED_PROVIDERS[("decode", "forward")] |= {"memcpy"}
+EXPECTED_PROVIDERS[("encode", "encode_topk", "forward")] |= {"gemm"}
+EXPECTED_PROVIDERS[("decode", "sparse_decode", "forward")] |= {"memcpy"}
+EXPECTED_PROVIDERS[("step", "topk_step", "full")] |= {"gemm"}
+# a roofline row belongs to the case it is timed with
+ROOFLINE_OF = {("encode", "gemm"): "encode_topk", ("decode", "memcpy"): "sparse_decode", ("step", "gemm"): "topk_step"}
 
 
 def check_harness_result(report: dict, suite: str, families: set, mode: str) -> None:
@@ -112,7 +122,7 @@ def check_harness_result(report: dict, suite: str, families: set, mode: str) -> 
     seen = {}
     for row in report["figures"]:
         assert set(row) - {"error"} == ROW_FIELDS, sorted(set(row) ^ ROW_FIELDS)
-        key = (row["family"], row["mode"])
+        key = (row["family"], ROOFLINE_OF.get((row["family"], row["op"]), row["op"]), row["mode"])
         assert row["family"] in families and key in EXPECTED_PROVIDERS, key
         if row.get("error"):
             assert row["median_s"] is None and row["speedup"] is None, row
@@ -127,20 +137,34 @@ def check_harness_result(report: dict, suite: str, families: set, mode: str) -> 
 
 
 def test_the_op_and_step_benchmarks_smoke(tmp_path):
-    """bench/test_ops.py and bench/test_transcoder_step_cpu.py at toy sizes, 2 rounds: every
+    """bench/test_ops.py and bench/test_transcoder_step.py at toy sizes, 2 rounds: every
     (family, provider, mode) has figures or the reason it has none. No speed is asserted."""
     env = {**os.environ, "TCK_BENCH_SMOKE": "1", "TCK_BENCH_RESULTS": str(tmp_path), "TCK_BACKEND": "",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("TCK_BENCH_SHAPES", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-                           "bench/test_ops.py", "bench/test_transcoder_step_cpu.py"],
+                           "bench/test_ops.py", "bench/test_transcoder_step.py"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     check_harness_result(json.loads((tmp_path / "ops_cpu.json").read_text()), "ops", {"encode", "decode"}, "smoke")
-    check_harness_result(json.loads((tmp_path / "steps_cpu.json").read_text()), "steps", {"step"}, "smoke")
-    legacy = json.loads((tmp_path / "cpu_transcoder_step.json").read_text())
-    assert set(legacy["median_s"]) == {"tckernels", "dense", "embbag"} and set(legacy["speedup_vs"]) == {"dense",
-                                                                                                       "embbag"}
+    steps = json.loads((tmp_path / "steps_cpu.json").read_text())
+    check_harness_result(steps, "steps", {"step"}, "smoke")
+    # every provider ran (sparsify is in the bench extra CI installs): figures, not reasons
+    assert not [r for r in steps["figures"] if r.get("error")], [r for r in steps["figures"] if r.get("error")]
+    against = {r["baseline"] for r in steps["figures"] if r["provider"] == "tckernels[cpu]" and r["op"] == "topk_step"
+               and r["mode"] == "full"}
+    assert against == {"dense_eager", "embedding_bag", "sparsify", "gemm"}
+
+
+def test_the_committed_step_figures():
+    """The step targets' figures at the gpt2 set: a training step's 2048 tokens, every baseline."""
+    report = json.loads((ROOT / "bench" / "results" / "steps_cpu.json").read_text())
+    check_harness_result(report, "steps", {"step"}, "full")
+    gpt2 = [r for r in report["figures"] if r["shape_set"] == "gpt2"]
+    assert gpt2 and all(r["shape"] == {"M": 2048, "D": 768, "N": 24576, "k": 32} for r in gpt2)
+    targets = {r["baseline"]: r["target"] for r in gpt2 if r["target"] is not None}
+    assert targets == {"dense_eager": 5.0, "embedding_bag": 2.0, "sparsify": 1.4, "gemm": 0.8}
+    assert all(r["peak_bytes"] is not None for r in gpt2 if not r.get("error"))
 
 
 def test_the_committed_op_figures():
