@@ -343,15 +343,12 @@ def readme_step_table(figs: List[dict], sources: List[Source]) -> List[str]:
         first.setdefault((op_of(f), f["mode"], f["provider"]), f)
     against = {(op_of(f), f["mode"], f["provider"], f["baseline"]): f for f in figs if f["baseline"]}
 
-    def name(op, mode):
-        return f"{op} {mode}"
-
-    rows = [[f"median, {name(o, m)}"] + [fmt_time(first[o, m, p]["median_s"]) if (o, m, p) in first else DASH
+    rows = [[f"median, {o} {m}"] + [fmt_time(first[o, m, p]["median_s"]) if (o, m, p) in first else DASH
                                          for p in providers] for o, m in cases]
     for us in ours:
-        rows += [[f"speed-up of {us}, {name(o, m)}"] + [fmt_speedup(against[o, m, us, p]) if (o, m, us, p) in against
+        rows += [[f"speed-up of {us}, {o} {m}"] + [fmt_speedup(against[o, m, us, p]) if (o, m, us, p) in against
                                                          else DASH for p in providers] for o, m in cases]
-    rows += [[f"peak memory, {name(o, m)}"] + [fmt_bytes(first[o, m, p]["peak_bytes"]) if (o, m, p) in first else DASH
+    rows += [[f"peak memory, {o} {m}"] + [fmt_bytes(first[o, m, p]["peak_bytes"]) if (o, m, p) in first else DASH
                                                for p in providers] for o, m in cases if m == "full"]
     ops = ", ".join(f"`{o}`" for o in dict.fromkeys(o for o, _ in cases))
     lines = [_caption(figs, sources, f"{ops}, {figs[0]['dtype']}, {fmt_shape(figs[0]['shape'])}"), ""]

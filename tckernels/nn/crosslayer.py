@@ -34,6 +34,18 @@ __all__ = ["CrossLayerTranscoder", "CrossLayerOutput"]
 Inputs = Union[Tensor, Sequence[Tensor]]
 
 
+def fold_target_blocks(decoded: Sequence[Tensor], d_out: int) -> List[Tensor]:
+    """Per-target sums of the sources' decoded blocks: source ``src``'s ``[..., (L - src) * d_out]``
+    holds its contributions to targets ``src .. L - 1``, in order."""
+    L = len(decoded)
+    outs: List[Optional[Tensor]] = [None] * L
+    for src, y in enumerate(decoded):
+        for t, part in enumerate(y.unflatten(-1, (L - src, d_out)).unbind(-2)):
+            j = src + t
+            outs[j] = part if outs[j] is None else outs[j] + part
+    return outs
+
+
 class CrossLayerOutput(NamedTuple):
     outputs: List[Tensor]  # per layer [..., d_out]
     acts: List[SparseActivations]  # per layer [..., w_ℓ]
@@ -181,14 +193,8 @@ class CrossLayerTranscoder(nn.Module):
         acts = list(acts)
         if len(acts) != self.n_layers:
             raise ValueError(f"acts must hold one entry per layer ({self.n_layers}), got {len(acts)}")
-        L, d = self.n_layers, self.d_out
-        outs: List[Optional[Tensor]] = [None] * L
-        for src, a in enumerate(acts):
-            # one gather over the concatenated target blocks: [..., (L - src) * d_out]
-            y = self.layers[src].decode(a)
-            for t, part in enumerate(y.unflatten(-1, (L - src, d)).unbind(-2)):
-                j = src + t
-                outs[j] = part if outs[j] is None else outs[j] + part
+        # one gather per source over its concatenated target blocks: [..., (L - src) * d_out]
+        outs = fold_target_blocks([layer.decode(a) for layer, a in zip(self.layers, acts)], self.d_out)
         if self.b_dec is not None:
             outs = [o + self.b_dec[j] for j, o in enumerate(outs)]
         if self.W_skip is not None:

@@ -55,7 +55,7 @@ from tckernels.nn.activations import (
     relu_encode,
     valid_slots,
 )
-from tckernels.nn.crosslayer import CrossLayerTranscoder
+from tckernels.nn.crosslayer import CrossLayerTranscoder, fold_target_blocks
 from tckernels.nn.transcoder import Transcoder, TranscoderConfig
 
 __all__ = ["FeatureShardedTranscoder", "FeatureShardedCrossLayerTranscoder", "feature_slice"]
@@ -511,13 +511,7 @@ class FeatureShardedTranscoder(nn.Module):
         sh = self.shard
         if sh.b_dec is not None:
             y = y + sh.b_dec
-        y = y.reshape(*lead, self.d_out)
-        if sh.W_skip is not None:
-            if x is None:
-                raise ValueError("this transcoder has a skip connection: decode(acts, x) needs the input x")
-            sh._check_x(x)
-            y = y + x @ sh.W_skip.t()
-        return y
+        return sh._add_skip(y.reshape(*lead, self.d_out), x)
 
     def decode(self, acts: SparseActivations, x: Optional[Tensor] = None) -> Tensor:
         """Activations with global indices ``[..., w]`` (the same on every rank) -> ``[..., d_out]``.
@@ -610,13 +604,8 @@ class FeatureShardedCrossLayerTranscoder(nn.Module):
         return [layer.encode(x, mask) for layer, x in zip(self.layers, self._split(xs))]
 
     def _combine(self, locals_: Sequence[SparseActivations], xs_l: Optional[List[Tensor]], lead) -> List[Tensor]:
-        L, d = self.n_layers, self.d_out
-        outs: List[Optional[Tensor]] = [None] * L
-        for src, a in enumerate(locals_):
-            y = self.layers[src]._partial_decode(a)
-            for t, part in enumerate(y.unflatten(-1, (L - src, d)).unbind(-2)):
-                j = src + t
-                outs[j] = part if outs[j] is None else outs[j] + part
+        d = self.d_out
+        outs = fold_target_blocks([layer._partial_decode(a) for layer, a in zip(self.layers, locals_)], d)
         y = _ReduceFromShards.apply(torch.stack(outs), self.group)  # [L, M, d_out]: one all-reduce
         if self.b_dec is not None:
             y = y + self.b_dec.unsqueeze(1)

@@ -526,12 +526,16 @@ class Transcoder(nn.Module):
         """Sparse activations ``[..., w]`` -> ``[..., d_out]``; ``x`` is needed for the skip term only."""
         values, indices = acts
         y = _decode(SparseActivations(values, indices), self.W_dec, self.b_dec, mode=self.decode_mode)
-        if self.W_skip is not None:
-            if x is None:
-                raise ValueError("this transcoder has a skip connection: decode(acts, x) needs the input x")
-            self._check_x(x)
-            y = y + x @ self.W_skip.t()
-        return y
+        return self._add_skip(y, x)
+
+    def _add_skip(self, y: Tensor, x: Optional[Tensor]) -> Tensor:
+        """``y`` plus the skip term ``x @ W_skip.T`` when there is one (``x`` required then)."""
+        if self.W_skip is None:
+            return y
+        if x is None:
+            raise ValueError("this transcoder has a skip connection: decode(acts, x) needs the input x")
+        self._check_x(x)
+        return y + x @ self.W_skip.t()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x), x)
