@@ -40,7 +40,7 @@ Transcoder loop (``python -m training.transcoders``), n chosen layers, Tb = batc
   held      the model whole, frozen: params·b; the activation buffer buffer_tokens·n·(d + d if the two
             hooks differ)·b (the model's dtype, on its device); the dictionary in float32 x 4 (params,
             grads, AdamW; Muon keeps one momentum for the matrices), feature-indexed tensors with
-            ceil(F/feature_shards) rows; dead-feature counters n·F·8; a DDP bucket copy when W > 1.
+            ceil(F/feature_shards) rows; dead-feature counters n·F·8; a DDP bucket copy when W / feature_shards > 1.
   phases    (one at a time, the largest counts) refill: a no-grad forward of forward_batch_size x
             context_length tokens ≈ b·(3d + 2·kv·hd + 3·I) per token + the captured rows n·2d·b;
             step: the batch Tb·n·2d·(b + 4), per layer Tb·w·12 sparse features + Tb·d·8 outputs and
@@ -244,6 +244,9 @@ def plan_transcoders(cfg: TranscoderRunConfig, world: int, opts: dict) -> dict:
     n = len(cfg.layer_list(L))
     b = BYTES[cfg.dtype]
     shards = max(1, int(getattr(cfg, "feature_shards", 1)))
+    if world % shards:
+        raise ConfigError(f"--world_size {world} is not a multiple of feature_shards {shards} (world size = "
+                          f"feature_shards x data-parallel replicas)")
     F_rank = -(-cfg.n_features // shards) if cfg.architecture != "bilinear" else cfg.n_features
     layer, rest = weight_shapes(mcfg)
     two = 2 if cfg.input_hook != cfg.output_hook else 1
@@ -257,8 +260,8 @@ def plan_transcoders(cfg: TranscoderRunConfig, world: int, opts: dict) -> dict:
             "optimizer state": 2 * p if cfg.optimizer == "adamw" else mats + 2 * (p - mats)}
     if cfg.architecture != "bilinear":
         held["dead-feature counters"] = n * F_rank * 8
-    if world > 1:
-        held["DDP gradient buckets"] = p
+    if world // shards > 1:
+        held["DDP gradient buckets (data-parallel replicas)"] = p
     sparse = cfg.architecture != "bilinear"
     w = (cfg.k if cfg.activation in ("topk", "batchtopk") else opts["feature_width"]) if sparse else 0
     Tf, Tb = cfg.forward_batch_size * cfg.context_length, cfg.batch_tokens

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIGS = os.path.join(ROOT, "training", "configs")
 LAYERS = "frozen decoder-layer weights (2 models)"
 REST = "embeddings, final norm, head (2 models, whole)"
+DDP = "DDP gradient buckets (data-parallel replicas)"
 
 
 def adapter_config(paths: dict, **over):
@@ -161,7 +162,16 @@ def test_cli_transcoder_config(capsys):
     p = json.loads(capsys.readouterr().out)
     assert p["loop"] == "python -m training.transcoders" and p["source"] == "the built-in shape table"
     assert p["held"]["model weights (whole, frozen)"] > 60 * 2**30  # 32.8B parameters in bfloat16
-    assert p["largest_phase"] in p["phases"]
+    assert p["largest_phase"] in p["phases"] and DDP not in p["held"]
+    clt = ["--config", os.path.join(CONFIGS, "clt_topk_gpt2.yaml"), "--json", "--world_size", "4"]
+    assert plan.main(clt) == 0
+    whole = json.loads(capsys.readouterr().out)["held"]
+    assert plan.main(clt + ["--feature_shards", "4"]) == 0
+    sharded = json.loads(capsys.readouterr().out)["held"]
+    assert DDP in whole and DDP not in sharded  # 4 feature shards: no data-parallel replica left
+    assert sharded["dictionary parameters (float32)"] < whole["dictionary parameters (float32)"] / 4 * 1.01
+    assert plan.main(clt + ["--feature_shards", "3"]) == 2
+    assert "not a multiple of feature_shards" in capsys.readouterr().err
 
 
 def test_bad_field_and_unknown_model(capsys):
