@@ -30,11 +30,20 @@ backward" (each rank's ``dx`` is a partial sum over its features) and the partia
 gather-matmul / scatter-matmul), and no ``[tokens, N]`` tensor is made; BatchTopK training makes
 its slice's ``[tokens, N/P]`` pre-activations once, as the unsharded module makes ``[tokens, N]``.
 
+Training losses (``forward_with_aux``, the unsharded modules' losses, metrics and gradients):
+the reconstruction terms are computed on the replicated output. The sparsity, JumpReLU L0 and
+pre-activation terms are sums over features, so each slice computes its share with the
+``Transcoder``'s own formulas (decoder norms of its rows) and the shares are summed over the
+group. AuxK counts the dead features of every slice (each slice keeps its own counter), caps
+``aux_k`` by their total, and picks the ``aux_k`` largest dead pre-activations per token across
+the group as TopK does; each slice decodes the ones it holds and the partial reconstructions are
+summed. The dead-feature metric is the total over the slices.
+
 Data parallelism combines through the process groups: build on the ``"tp"`` group (or pass a
 ``DeviceMesh`` and ``mesh_dim="tp"``) and average the gradients over the ``"dp"`` group.
 
-Limitations: ``forward_with_aux`` (losses, AuxK) is not sharded yet; a fixed ``k_max`` of the
-ReLU-family encoders bounds each slice's width, not the whole row's.
+Limitation: a fixed ``k_max`` of the ReLU-family encoders bounds each slice's width, not the
+whole row's.
 """
 from __future__ import annotations
 
@@ -49,14 +58,15 @@ from tckernels import ops
 from tckernels.nn import metrics as _metrics
 from tckernels.nn.activations import (
     SparseActivations,
+    StepSTE,
     decode as _decode,
     gathered_pre,
     jumprelu_encode,
     relu_encode,
     valid_slots,
 )
-from tckernels.nn.crosslayer import CrossLayerTranscoder, fold_target_blocks
-from tckernels.nn.transcoder import Transcoder, TranscoderConfig
+from tckernels.nn.crosslayer import CrossLayerOutput, CrossLayerTranscoder, fold_target_blocks
+from tckernels.nn.transcoder import Transcoder, TranscoderConfig, TranscoderOutput
 
 __all__ = ["FeatureShardedTranscoder", "FeatureShardedCrossLayerTranscoder", "feature_slice"]
 
@@ -236,15 +246,42 @@ class FeatureShardedTranscoder(nn.Module):
             raise TypeError(f"transcoder must be a Transcoder, got {type(transcoder).__name__}")
         p = transcoder.W_enc
         self = cls(transcoder.config, group, mesh_dim=mesh_dim, dtype=p.dtype, device=p.device, init=False)
+        self.copy_from_(transcoder)
+        return self
+
+    @torch.no_grad()
+    def copy_from_(self, transcoder: Transcoder) -> None:
+        """Overwrite this rank's slice, in place, from ``transcoder`` (the same full module on every
+        rank, checked), e.g. weights loaded from a checkpoint: the parameters stay the same objects,
+        so an optimizer over them keeps working. Copies weights and state, the training/eval mode and
+        ``decode_mode``. Collective."""
+        if not isinstance(transcoder, Transcoder):
+            raise TypeError(f"transcoder must be a Transcoder, got {type(transcoder).__name__}")
+        if transcoder.config != self._cfg:
+            raise ValueError(f"transcoder: its config {transcoder.config} differs from this module's {self._cfg}")
         self._check_replicated(transcoder)
-        sl = slice(self.start, self.stop)
-        with torch.no_grad():
-            for name, t in list(self.shard.named_parameters()) + list(self.shard.named_buffers()):
-                src = getattr(transcoder, name)
-                t.copy_(src[sl] if name in _SHARDED or name == "tokens_since_fired" else src)
+        for name, t in list(self.shard.named_parameters()) + list(self.shard.named_buffers()):
+            t.copy_(self.local_rows(getattr(transcoder, name)) if self._is_sharded(name) else getattr(transcoder, name))
         self.decode_mode = transcoder.decode_mode
         self.train(transcoder.training)
-        return self
+
+    @staticmethod
+    def _is_sharded(name: str) -> bool:
+        return name in _SHARDED or name == "tokens_since_fired"
+
+    def is_sharded(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` (a parameter or buffer of ``self.shard``) holds this rank's rows of a
+        per-feature tensor (else it is replicated over the group)."""
+        for name, t in list(self.shard.named_parameters()) + list(self.shard.named_buffers()):
+            if t is tensor:
+                return self._is_sharded(name)
+        raise ValueError("tensor: not a parameter or buffer of this module's shard")
+
+    def local_rows(self, t: Tensor) -> Tensor:
+        """Rows ``[start, stop)`` of a full per-feature tensor ``[N, ...]``."""
+        if t.dim() < 1 or t.shape[0] != self.n_features:
+            raise ValueError(f"t must have n_features = {self.n_features} rows, got shape {tuple(t.shape)}")
+        return t[self.start:self.stop]
 
     def _check_replicated(self, transcoder: Transcoder) -> None:
         sums = []
@@ -280,7 +317,11 @@ class FeatureShardedTranscoder(nn.Module):
             sh.W_dec.copy_(torch.randn(sh.W_dec.shape, generator=g))
             sh.normalize_decoder_()
 
-    def _gather_rows(self, t: Tensor) -> Tensor:
+    def gather_rows(self, t: Tensor) -> Tensor:
+        """The full per-feature tensor ``[N, ...]`` from every rank's rows ``[n_local, ...]`` (e.g.
+        an optimizer's state of a sharded parameter), on every rank; detached. Collective."""
+        if t.dim() < 1 or t.shape[0] != self.n_local:
+            raise ValueError(f"t must have this slice's {self.n_local} rows, got shape {tuple(t.shape)}")
         every = _all_gather(_pad_rows(t.detach(), self._largest_slice, 0), self.group, self.world_size)
         parts = []
         for r in range(self.world_size):
@@ -296,8 +337,7 @@ class FeatureShardedTranscoder(nn.Module):
         d_in, n = kw.pop("d_in"), kw.pop("n_features")
         full = Transcoder(d_in, n, dtype=p.dtype, device=p.device, init=False, **kw)
         for name, t in list(self.shard.named_parameters()) + list(self.shard.named_buffers()):
-            sharded = name in _SHARDED or name == "tokens_since_fired"
-            getattr(full, name).copy_(self._gather_rows(t) if sharded else t)
+            getattr(full, name).copy_(self.gather_rows(t) if self._is_sharded(name) else t)
         full.decode_mode = self.decode_mode
         full.train(self.training)
         return full
@@ -350,6 +390,32 @@ class FeatureShardedTranscoder(nn.Module):
         """``[n_local]`` bool: this slice's dead features."""
         return self.shard.dead_mask()
 
+    def count_dead(self) -> Tensor:
+        """Number of dead features of the whole dictionary (0-d int64, the same on every rank). Collective."""
+        n = _metrics.count_dead(self.shard.tokens_since_fired, self._cfg.dead_tokens_threshold).clone()
+        dist.all_reduce(n, group=self.group)
+        return n
+
+    @property
+    def tokens_since_fired(self) -> Tensor:
+        """This slice's ``[n_local]`` dead-feature counter (``self.shard``'s buffer)."""
+        return self.shard.tokens_since_fired
+
+    @property
+    def threshold(self) -> Optional[Tensor]:
+        """The BatchTopK inference threshold (replicated), or None."""
+        return self.shard.threshold
+
+    @property
+    def l1_coefficient(self) -> float:
+        """Weight of the sparsity term in ``forward_with_aux``'s loss; settable between steps."""
+        return self.shard.l1_coefficient
+
+    @l1_coefficient.setter
+    def l1_coefficient(self, value: float) -> None:
+        self.shard.l1_coefficient = value  # validates
+        self._cfg = dataclasses.replace(self._cfg, l1_coefficient=self.shard.l1_coefficient)
+
     # ---------------------------------------------------------------------------------------------
     # encode
     # ---------------------------------------------------------------------------------------------
@@ -361,14 +427,18 @@ class FeatureShardedTranscoder(nn.Module):
         return _CopyToShards.apply(x_in, self.group)
 
     def _encode(self, x: Tensor, mask: Optional[Tensor], want_global: bool):
-        """``(global acts [M, w] or None, local acts [M, w'] over the slice)``, both flat."""
+        """``(global acts [M, w] or None, local acts [M, w'] over the slice, extra)``, acts flat;
+        ``extra`` holds the slice's encoder input ``"x2"`` (shared by the losses, so that ``dx`` is
+        summed over the group once), and ``"pre"`` (BatchTopK training: the slice's ``[M, N/P]``
+        pre-activations) or ``"jump"`` (JumpReLU) as ``Transcoder._encode``'s."""
         flat_mask = _metrics.check_mask(mask, x.shape[:-1])
         x2 = self._local_input(x)
+        extra = {"x2": x2}
         sh, act = self.shard, self.activation
         if act == "topk" or (act == "batchtopk" and not self.training and not float(sh.threshold) > 0):
             glob, local = self._topk(x2, want_global)
         elif act == "batchtopk" and self.training:
-            glob, local = self._batchtopk(x2, flat_mask, want_global)
+            glob, local, extra["pre"] = self._batchtopk(x2, flat_mask, want_global)
         else:
             if act == "relu":
                 acts, counts = relu_encode(x2, sh.W_enc, sh.b_enc, sh._width)
@@ -376,6 +446,7 @@ class FeatureShardedTranscoder(nn.Module):
             elif act == "jumprelu":
                 res = jumprelu_encode(x2, sh.W_enc, sh.b_enc, sh.log_threshold, self._cfg.jumprelu_bandwidth, sh._width)
                 acts, valid = res.acts, res.valid
+                extra["jump"] = res
             else:  # batchtopk inference with a learned threshold
                 thr = sh.threshold.to(torch.promote_types(x.dtype, torch.float32)).expand(self.n_local)
                 acts, counts = relu_encode(x2, sh.W_enc, sh.b_enc, sh._width, thr.contiguous())
@@ -384,13 +455,29 @@ class FeatureShardedTranscoder(nn.Module):
             glob = self._assemble_local(acts, valid) if want_global else None
         if self.training and sh.counts_fired_in_forward:
             sh.update_tokens_since_fired_(local, flat_mask)
-        return glob, local
+        return glob, local, extra
 
     def _own(self, values: Tensor, pos: Tensor, own: Tensor, width: int) -> Tensor:
         """This rank's values at the global slots it owns (``pos``: slot in its candidate list of
         ``width``), zero elsewhere; differentiable in ``values``."""
         loc = (pos - self.rank * width).clamp(0, values.shape[-1] - 1)
         return values.gather(-1, loc) * own
+
+    @torch.no_grad()
+    def _select(self, key: Tensor, gidx: Tensor, K: int, k: int):
+        """The global top ``k`` per row from every rank's candidates (``key [M, K']``, their global
+        indices ``gidx``, ``K' <= K``; padded to ``K`` here), ranked as the op ranks (descending key,
+        ties by ascending global index): ``(pos, sel, own)``, each ``[M, k]``: the slot in the
+        gathered ``world·K`` candidates, the global feature, whether this rank's candidate it is."""
+        M = key.shape[0]
+        if key.shape[1] < K:
+            key = torch.cat([key, key.new_full((M, K - key.shape[1]), float("-inf"))], 1)
+            gidx = torch.cat([gidx, gidx.new_full((M, K - gidx.shape[1]), self.n_features)], 1)
+        every = _all_gather(torch.stack([key.double(), gidx.double()], -1), self.group, self.world_size)
+        every = every.permute(1, 0, 2, 3).reshape(M, self.world_size * K, 2)
+        g = every[..., 1].long()
+        pos = _rank_order(every[..., 0], g)[:, :k]
+        return pos, g.gather(1, pos), (pos // K) == self.rank
 
     def _topk(self, x2: Tensor, want_global: bool):
         sh, k, K = self.shard, self.k, min(self.k, self._largest_slice)
@@ -400,17 +487,7 @@ class FeatureShardedTranscoder(nn.Module):
             # ReLU zeroed some candidates: rank those by their pre-activation, as the op does
             pre = ops.gather_dot(x2.detach(), i, sh.W_enc.detach()).to(acc) + sh.b_enc.detach()[i].to(acc)
             key = torch.where(v.detach() > 0, v.detach().to(acc), pre.clamp_max(0))
-            g = i + self.start
-            if K > sh.k:
-                M = x2.shape[0]
-                key = torch.cat([key, key.new_full((M, K - sh.k), float("-inf"))], 1)
-                g = torch.cat([g, g.new_full((M, K - sh.k), self.n_features)], 1)
-            every = _all_gather(torch.stack([key.double(), g.double()], -1), self.group, self.world_size)
-            every = every.permute(1, 0, 2, 3).reshape(x2.shape[0], self.world_size * K, 2)
-            gidx = every[..., 1].long()
-            pos = _rank_order(every[..., 0], gidx)[:, :k]
-            sel = gidx.gather(1, pos)
-            own = (pos // K) == self.rank
+            pos, sel, own = self._select(key, i + self.start, K, k)
         vals = self._own(v, pos, own, K)
         local = SparseActivations(vals, torch.where(own, sel - self.start, torch.zeros_like(sel)))
         glob = SparseActivations(_ReduceFromShards.apply(vals, self.group), sel) if want_global else None
@@ -432,7 +509,7 @@ class FeatureShardedTranscoder(nn.Module):
                 z = pre.new_zeros(M, 1)
                 zi = torch.zeros(M, 1, dtype=torch.int64, device=dev)
                 glob = SparseActivations(_ReduceFromShards.apply(z, self.group), zi) if want_global else None
-                return glob, SparseActivations(z, zi)
+                return glob, SparseActivations(z, zi), pre
             T = min(total, M * self._largest_slice)
             flat = s.reshape(-1)
             cand = _top_positions(flat, min(total, M * Nl))
@@ -464,7 +541,7 @@ class FeatureShardedTranscoder(nn.Module):
             values[r, j] = pre[r, c]
         values = gathered_pre(values, loc, x2, sh.W_enc, sh.b_enc, kept)
         glob = SparseActivations(_ReduceFromShards.apply(values, self.group), indices) if want_global else None
-        return glob, SparseActivations(values, loc)
+        return glob, SparseActivations(values, loc), pre
 
     def _assemble_local(self, acts: SparseActivations, valid: Tensor) -> SparseActivations:
         """Global padded activations (ascending feature index per row, width the largest row
@@ -493,10 +570,13 @@ class FeatureShardedTranscoder(nn.Module):
         feature indices, the same on every rank. For TopK and BatchTopK the unsharded module's
         selection and order; for the ReLU family the active features in ascending index order,
         padded to the largest row's count. Gradients reaching ``values`` flow to each value's slice."""
-        glob, _ = self._encode(x, mask, True)
-        lead = x.shape[:-1]
-        w = glob.values.shape[-1]
-        return SparseActivations(glob.values.reshape(*lead, w), glob.indices.reshape(*lead, w))
+        glob = self._encode(x, mask, True)[0]
+        return self._unflatten(glob, x.shape[:-1])
+
+    @staticmethod
+    def _unflatten(acts: SparseActivations, lead) -> SparseActivations:
+        w = acts.values.shape[-1]
+        return SparseActivations(acts.values.reshape(*lead, w), acts.indices.reshape(*lead, w))
 
     # ---------------------------------------------------------------------------------------------
     # decode
@@ -525,8 +605,125 @@ class FeatureShardedTranscoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The replicated output ``[..., d_out]``, as ``Transcoder.forward``."""
-        _, local = self._encode(x, None, False)
+        local = self._encode(x, None, False)[1]
         return self._finish(self._partial_decode(local), x, x.shape[:-1])
+
+    # ---------------------------------------------------------------------------------------------
+    # losses
+    # ---------------------------------------------------------------------------------------------
+
+    def _sum_over_slices(self, t: Tensor) -> Tensor:
+        return _ReduceFromShards.apply(t, self.group)
+
+    def _regularizers(self, local: SparseActivations, extra: dict, mask: Optional[Tensor], lead) -> dict:
+        """``Transcoder._regularizers`` over the whole dictionary: each term is a sum over
+        features, so every slice makes its share (the shard's own formulas on its local
+        activations) and the shares are summed over the group."""
+        sh = self.shard
+        cfg = sh._cfg
+        flat = _metrics.check_mask(mask, lead)
+        terms = {}
+        if self.activation in ("relu", "jumprelu") or cfg.l1_coefficient > 0:
+            per_token = self._sum_over_slices(sh.sparsity_per_token(local))
+            terms["sparsity"] = _metrics.masked_mean(per_token.reshape(lead), mask)
+        if self.activation == "jumprelu":
+            res = extra["jump"]
+            step = StepSTE.apply(res.s, res.theta, res.valid, float(cfg.jumprelu_bandwidth))
+            terms["l0"] = _metrics.masked_mean(self._sum_over_slices(step.sum(-1)).reshape(lead), mask)
+        if cfg.pre_act_coefficient > 0:
+            x2 = extra["x2"] if flat is None else extra["x2"][flat]
+            if x2.shape[0] == 0:
+                terms["pre_act"] = x2.new_zeros((), dtype=torch.promote_types(x2.dtype, torch.float32))
+            else:
+                terms["pre_act"] = self._sum_over_slices(sh._pre_act_sum(x2)) / x2.shape[0]
+        return terms
+
+    def auxk_loss(self, residual: Tensor, dead: Tensor, extra: dict, mask: Optional[Tensor], lead) -> Tensor:
+        """``Transcoder.auxk_loss`` over the whole dictionary: ``dead`` is this slice's
+        ``[n_local]`` mask, ``aux_k`` is capped by the dead features of all slices, and the
+        ``aux_k`` largest dead pre-activations per token are chosen across the group as the main
+        TopK is (each slice sends its own top candidates). Each slice decodes its chosen features
+        and the partial reconstructions are summed; ``extra`` is what ``_encode`` returned."""
+        sh = self.shard
+        dt = torch.promote_types(residual.dtype, torch.float32)
+        counts = _all_gather(dead.sum().reshape(1), self.group, self.world_size).reshape(-1)
+        n_dead = int(counts.sum())
+        if n_dead == 0:
+            return residual.new_zeros((), dtype=dt)
+        k_aux = min(self._cfg.aux_k or max(self.d_out // 2, 1), n_dead)
+        K = min(k_aux, int(counts.max()))  # candidates per rank: no rank can have more in the top k_aux
+        x_in, pre = extra["x2"], extra.get("pre")
+        e = residual.reshape(-1, self.d_out)
+        m = _metrics.check_mask(mask, lead)
+        if m is not None:
+            x_in, e = x_in[m], e[m]
+            pre = pre[m] if pre is not None else None
+        M = x_in.shape[0]
+        if M == 0:
+            return residual.new_zeros((), dtype=dt)
+        dead_idx = dead.nonzero().squeeze(1)
+        kl = min(K, dead_idx.numel())
+        # this slice's candidates, as the unsharded module makes them (values differentiable)
+        if kl == 0:
+            values = x_in.new_zeros(M, K)
+            loc = torch.zeros(M, K, dtype=torch.int64, device=x_in.device)
+            key = torch.full((M, K), float("-inf"), device=x_in.device)
+        else:
+            if pre is not None:
+                pre_dead = pre[:, dead_idx]
+                top_v, j = pre_dead.float().clamp_min(0).topk(kl, dim=1)
+                kept = top_v > 0
+                loc = dead_idx[j]
+                values = gathered_pre(pre_dead.gather(1, j) * kept, loc, x_in, sh.W_enc, sh.b_enc, kept)
+            elif 2 * dead_idx.numel() <= self.n_local:
+                values, j = ops.encode_topk(x_in, sh.W_enc[dead_idx], sh.b_enc[dead_idx], kl)
+                loc = dead_idx[j]
+            else:
+                bias = sh.b_enc.masked_fill(~dead, float("-inf"))
+                values, loc = ops.encode_topk(x_in, sh.W_enc, bias, kl)
+            # zero values add nothing to the reconstruction: how they rank does not matter
+            key = values.detach().float()
+            if kl < K:
+                values = torch.cat([values, values.new_zeros(M, K - kl)], 1)
+                loc = torch.cat([loc, loc.new_zeros(M, K - kl)], 1)
+        pos, sel, own = self._select(key, loc + self.start, K, k_aux)
+        chosen = SparseActivations(self._own(values, pos, own, K), torch.where(own, sel - self.start, 0))
+        e_hat = self._sum_over_slices(_decode(chosen, sh.W_dec, None, mode=self.decode_mode))
+        num = (e.to(dt) - e_hat.to(dt)).pow(2).sum()
+        den = e.to(dt).pow(2).sum()
+        return num / den.clamp_min(torch.finfo(dt).tiny)
+
+    def forward_with_aux(
+        self, x: Tensor, target: Optional[Tensor] = None, mask: Optional[Tensor] = None
+    ) -> TranscoderOutput:
+        """``Transcoder.forward_with_aux`` of the whole dictionary: the same losses and metrics
+        (replicated on every rank), activations with global indices, and gradients that reach each
+        rank's slice as the unsharded module's reach those features. Collective."""
+        sh = self.shard
+        cfg = sh._cfg
+        target = sh._target(x, target)
+        lead = x.shape[:-1]
+        aux_coef = cfg.aux_coefficient
+        dead = self.dead_mask() if aux_coef > 0 else None  # dead before this batch
+        glob, local, extra = self._encode(x, mask, True)
+        output = self._finish(self._partial_decode(local), x, lead)
+        acts = self._unflatten(glob, lead)
+        losses = {"mse": _metrics.mse(output, target, mask), "fvu": _metrics.fvu(output, target, mask)}
+        terms = self._regularizers(local, extra, mask, lead)
+        losses.update(terms)
+        total = sh._weighted_regularizers(losses[cfg.reconstruction_loss], terms)
+        if aux_coef > 0:
+            losses["auxk"] = self.auxk_loss((target - output).detach(), dead, extra, mask, lead)
+            total = total + aux_coef * losses["auxk"]
+        losses["loss"] = total
+        metrics = {
+            "l0": _metrics.l0(acts.values.detach(), mask),
+            "mse": losses["mse"].detach(),
+            "fvu": losses["fvu"].detach(),
+            "dead_features": self.count_dead(),
+            "n_tokens": _metrics.n_tokens(lead, mask, device=x.device),
+        }
+        return TranscoderOutput(output, acts, losses, metrics)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -568,6 +765,23 @@ class FeatureShardedCrossLayerTranscoder(nn.Module):
         return self
 
     @torch.no_grad()
+    def copy_from_(self, clt: CrossLayerTranscoder) -> None:
+        """Overwrite this rank's slices, in place, from ``clt`` (the same full module on every
+        rank), as :meth:`FeatureShardedTranscoder.copy_from_`. Collective."""
+        if not isinstance(clt, CrossLayerTranscoder):
+            raise TypeError(f"clt must be a CrossLayerTranscoder, got {type(clt).__name__}")
+        if clt.n_layers != self.n_layers:
+            raise ValueError(f"clt: it has {clt.n_layers} layers, this module {self.n_layers}")
+        for mine, full in zip(self.layers, clt.layers):
+            mine.copy_from_(full)
+        for name in ("b_dec", "W_skip"):
+            if (getattr(self, name) is None) != (getattr(clt, name) is None):
+                raise ValueError(f"clt: {name} is {'missing' if getattr(clt, name) is None else 'unexpected'}")
+            if getattr(self, name) is not None:
+                getattr(self, name).copy_(getattr(clt, name))
+        self.train(clt.training)
+
+    @torch.no_grad()
     def to_crosslayer(self) -> CrossLayerTranscoder:
         """The full unsharded module (on every rank). Collective."""
         full_layers = [layer.to_transcoder() for layer in self.layers]
@@ -590,6 +804,20 @@ class FeatureShardedCrossLayerTranscoder(nn.Module):
         return clt
 
     _split = CrossLayerTranscoder._split
+
+    @property
+    def l1_coefficient(self) -> float:
+        """Weight of the sparsity term; setting it sets every source layer's."""
+        return self.layers[0].l1_coefficient
+
+    @l1_coefficient.setter
+    def l1_coefficient(self, value: float) -> None:
+        for layer in self.layers:
+            layer.l1_coefficient = value
+
+    def count_dead(self) -> Tensor:
+        """Dead features of all source layers together (0-d int64, the same on every rank). Collective."""
+        return sum(layer.count_dead() for layer in self.layers)
 
     def normalize_decoder_(self) -> None:
         for layer in self.layers:
@@ -634,3 +862,46 @@ class FeatureShardedCrossLayerTranscoder(nn.Module):
         locals_ = [layer._encode(x, None, False)[1] for layer, x in zip(self.layers, xs_l)]
         outs = self._combine(locals_, xs_l, xs_l[0].shape[:-1])
         return torch.stack(outs) if isinstance(xs, Tensor) else outs
+
+    def forward_with_aux(self, xs: Inputs, targets: Inputs, mask: Optional[Tensor] = None) -> CrossLayerOutput:
+        """``CrossLayerTranscoder.forward_with_aux`` of the whole dictionary: the same losses and
+        metrics on every rank, per-layer activations with global indices. Each source's sparsity,
+        L0, pre-activation and AuxK terms are its :class:`FeatureShardedTranscoder`'s. Collective."""
+        xs_l = self._split(xs)
+        ts = self._split(targets, "targets")
+        lead = xs_l[0].shape[:-1]
+        if tuple(ts[0].shape) != (*lead, self.d_out):
+            raise ValueError(f"targets must be [..., d_out] = {(*lead, self.d_out)} per layer, got {tuple(ts[0].shape)}")
+        first = self.layers[0].shard
+        cfg = first._cfg
+        aux_coef = cfg.aux_coefficient
+        dead = [layer.dead_mask() for layer in self.layers] if aux_coef > 0 else None  # before this batch
+        encoded = [layer._encode(x, mask, True) for layer, x in zip(self.layers, xs_l)]
+        acts = [FeatureShardedTranscoder._unflatten(glob, lead) for glob, _, _ in encoded]
+        outs = self._combine([local for _, local, _ in encoded], xs_l, lead)
+        losses = {
+            "mse": torch.stack([_metrics.mse(o, t, mask) for o, t in zip(outs, ts)]).mean(),
+            "fvu": torch.stack([_metrics.fvu(o, t, mask) for o, t in zip(outs, ts)]).mean(),
+        }
+        per_source = [layer._regularizers(local, extra, mask, lead)
+                      for layer, (_, local, extra) in zip(self.layers, encoded)]
+        terms = {name: sum(t[name] for t in per_source) for name in per_source[0]}
+        losses.update(terms)
+        total = first._weighted_regularizers(losses[cfg.reconstruction_loss], terms)
+        if aux_coef > 0:
+            residuals = [(t - o).detach() for t, o in zip(ts, outs)]
+            auxk = [
+                layer.auxk_loss(torch.cat(residuals[src:], dim=-1), dead[src], extra, mask, lead)
+                for src, (layer, (_, _, extra)) in enumerate(zip(self.layers, encoded))
+            ]
+            losses["auxk"] = torch.stack(auxk).mean()
+            total = total + aux_coef * losses["auxk"]
+        losses["loss"] = total
+        metrics = {
+            "l0": sum(_metrics.l0(a.values.detach(), mask) for a in acts),
+            "mse": losses["mse"].detach(),
+            "fvu": losses["fvu"].detach(),
+            "dead_features": self.count_dead(),
+            "n_tokens": _metrics.n_tokens(lead, mask),
+        }
+        return CrossLayerOutput(outs, acts, losses, metrics)

@@ -589,25 +589,30 @@ class Transcoder(nn.Module):
             raise ValueError(
                 f"the pre-activation loss (pre_act_coefficient) applies to 'relu' or 'jumprelu', not {self.activation!r}"
             )
-        dt = torch.promote_types(self.W_enc.dtype, torch.float32)
+        if chunk_tokens is not None and (
+                isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+            raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
         x_in = self._encoder_input(x).reshape(-1, self.d_in)
         m = _metrics.check_mask(mask, x.shape[:-1])
         if m is not None:
             x_in = x_in[m]
         n_real = x_in.shape[0]
         if n_real == 0:
-            return x.new_zeros((), dtype=dt)
+            return x.new_zeros((), dtype=torch.promote_types(self.W_enc.dtype, torch.float32))
+        return self._pre_act_sum(x_in, chunk_tokens) / n_real
+
+    def _pre_act_sum(self, x_in: Tensor, chunk_tokens: Optional[int] = None) -> Tensor:
+        """The pre-activation loss summed over the rows of the encoder input ``x_in [M, d_in]``
+        (after ``b_pre``, real tokens only): a feature-sharded module sums it over its slices."""
+        dt = torch.promote_types(self.W_enc.dtype, torch.float32)
         if self.log_threshold is None:
-            theta = torch.zeros(self.n_features, dtype=dt, device=x.device)
+            theta = torch.zeros(self.n_features, dtype=dt, device=x_in.device)
         else:
             theta = self.log_threshold.detach().to(dt).exp()
         if chunk_tokens is None:
             chunk_tokens = max(1, _PRE_ACT_CHUNK_ENTRIES // self.n_features)
-        elif isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
         norms = self.W_dec.to(dt).norm(dim=1)
-        total = _PreActLoss.apply(x_in, self.W_enc, self.b_enc, theta, norms, chunk_tokens)
-        return total / n_real
+        return _PreActLoss.apply(x_in, self.W_enc, self.b_enc, theta, norms, chunk_tokens)
 
     def auxk_loss(
         self,
@@ -685,6 +690,18 @@ class Transcoder(nn.Module):
                 total = total + coef * terms[name]
         return total
 
+    def _target(self, x: Tensor, target: Optional[Tensor]) -> Tensor:
+        """``forward_with_aux``'s target, checked against ``x`` (default: x itself when d_out == d_in)."""
+        self._check_x(x)
+        lead = x.shape[:-1]
+        if target is None:
+            if self.d_out != self.d_in:
+                raise ValueError(f"target is required when d_out ({self.d_out}) != d_in ({self.d_in})")
+            return x
+        if tuple(target.shape) != (*lead, self.d_out):
+            raise ValueError(f"target must have shape {(*lead, self.d_out)}, got {tuple(target.shape)}")
+        return target
+
     def forward_with_aux(
         self, x: Tensor, target: Optional[Tensor] = None, mask: Optional[Tensor] = None
     ) -> TranscoderOutput:
@@ -697,14 +714,8 @@ class Transcoder(nn.Module):
         ``pre_act_coefficient·pre_act`` (:meth:`pre_act_loss`) + ``aux_k_coefficient·auxk``.
         """
         cfg = self._cfg
-        self._check_x(x)
+        target = self._target(x, target)
         lead = x.shape[:-1]
-        if target is None:
-            if self.d_out != self.d_in:
-                raise ValueError(f"target is required when d_out ({self.d_out}) != d_in ({self.d_in})")
-            target = x
-        elif tuple(target.shape) != (*lead, self.d_out):
-            raise ValueError(f"target must have shape {(*lead, self.d_out)}, got {tuple(target.shape)}")
         _metrics.check_mask(mask, lead)
         aux_coef = cfg.aux_coefficient
         dead = self.dead_mask() if aux_coef > 0 else None  # dead before this batch

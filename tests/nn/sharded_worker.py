@@ -53,6 +53,39 @@ def run_crosslayer(case):
     }
 
 
+def _aux_result(m, out, x):
+    return {
+        "losses": {k: v.detach() for k, v in out.losses.items()},
+        "metrics": {k: v.detach() for k, v in out.metrics.items()},
+        "dx": x.grad,
+    }
+
+
+def run_aux(case):
+    """forward_with_aux and the backward of its loss (the aux cases: losses, AuxK, metrics)."""
+    m = FeatureShardedTranscoder.from_transcoder(case["module"])
+    x = case["x"].clone().requires_grad_()
+    out = m.forward_with_aux(x, case["target"], case.get("mask"))
+    out.losses["loss"].backward()
+    res = _aux_result(m, out, x)
+    res.update(start=m.start, stop=m.stop, y=out.output.detach(), values=out.acts.values.detach(),
+               indices=out.acts.indices, grads=_grads(m.shard), full=m.to_transcoder().state_dict())
+    return res
+
+
+def run_crosslayer_aux(case):
+    m = FeatureShardedCrossLayerTranscoder.from_crosslayer(case["module"])
+    xs = case["x"].clone().requires_grad_()
+    out = m.forward_with_aux(xs, case["target"], case.get("mask"))
+    out.losses["loss"].backward()
+    res = _aux_result(m, out, xs)
+    res.update(start=m.start, stop=m.stop, y=torch.stack(out.outputs).detach(),
+               values=[a.values.detach() for a in out.acts], indices=[a.indices for a in out.acts],
+               grads=[_grads(layer.shard) for layer in m.layers], b_dec=m.b_dec.grad, W_skip=m.W_skip.grad,
+               full=m.to_crosslayer().state_dict())
+    return res
+
+
 def run_mesh(case, world):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -104,6 +137,10 @@ def run(rank, world, init_file, case_path, out_dir):
                     results[name] = run_transcoder(case)
                 elif kind == "crosslayer":
                     results[name] = run_crosslayer(case)
+                elif kind == "aux":
+                    results[name] = run_aux(case)
+                elif kind == "crosslayer_aux":
+                    results[name] = run_crosslayer_aux(case)
                 elif kind == "mesh":
                     results[name] = run_mesh(case, world)
                 else:

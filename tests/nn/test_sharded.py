@@ -113,6 +113,65 @@ def _errors(world):
                 module_per_rank=[_transcoder("topk", k=3, seed=100 + r) for r in range(world)])
 
 
+def _aux(activation, seed, dead, mask=None, n=N, **kw):
+    """A forward_with_aux case whose features ``dead`` are dead before the batch (AuxK is on)."""
+    kw.setdefault("k", 4 if activation in ("topk", "batchtopk") else None)
+    tc = _transcoder(activation, n=n, seed=seed, dead_tokens_threshold=1000, **kw)
+    with torch.no_grad():
+        tc.tokens_since_fired[dead] = 5000
+    x, target = _data(seed)
+    tc.train()
+    case = dict(kind="aux", module=tc, x=x, target=target, dead=dead)
+    if mask is not None:
+        case["mask"] = mask
+    return case
+
+
+def _crosslayer_aux(activation, seed, mask=None, **kw):
+    torch.manual_seed(seed)
+    clt = CrossLayerTranscoder(3, 8, 32, 6, activation, k=4, skip=True, pre_bias=True, dead_tokens_threshold=1000,
+                               aux_k=3, **kw)
+    _randomise(clt, seed)
+    with torch.no_grad():
+        for src, layer in enumerate(clt.layers):
+            layer.tokens_since_fired[src::2 + src] = 5000  # a different share of each source is dead
+    clt.train()
+    g = torch.Generator().manual_seed(seed)
+    case = dict(kind="crosslayer_aux", module=clt, x=torch.randn(3, 3, 5, 8, generator=g),
+                target=torch.randn(3, 3, 5, 6, generator=g))
+    if mask is not None:
+        case["mask"] = mask
+    return case
+
+
+AUX_CASES = ("aux_topk", "aux_topk_few_dead", "aux_topk_many_dead", "aux_topk_uneven", "aux_batchtopk",
+             "aux_relu", "aux_jumprelu")
+CLT_AUX_CASES = ("clt_aux_topk", "clt_aux_batchtopk")
+
+
+def aux_cases():
+    every = torch.arange(N)
+    return {
+        # l1 on a TopK dictionary, the FVU objective, a mask; dead features on every rank
+        "aux_topk": _aux("topk", 20, every[::3], _mask(), k=6, aux_k=5, l1_coefficient=0.01,
+                         reconstruction_loss="fvu"),
+        # all the dead features on the first rank, fewer than aux_k: aux_k is capped by the global count
+        "aux_topk_few_dead": _aux("topk", 21, every[:3], aux_k=8),
+        # more than half dead: the unsharded module takes its masked-bias path
+        "aux_topk_many_dead": _aux("topk", 22, every[every % 4 != 0], aux_k=6),
+        "aux_topk_uneven": _aux("topk", 23, torch.arange(0, 30, 2), n=30, k=10, aux_k=7),
+        "aux_batchtopk": _aux("batchtopk", 24, every[1::2], _mask(), aux_k=6, l1_coefficient=0.02,
+                              sparsity_tanh_scale=2.0),
+        "aux_relu": _aux("relu", 25, every[::5], _mask(), l1_coefficient=0.05, pre_act_coefficient=0.1,
+                         aux_k_coefficient=0.1, aux_k=4),
+        "aux_jumprelu": _aux("jumprelu", 26, every[2::4], _mask(), jumprelu_threshold=0.05, jumprelu_bandwidth=0.05,
+                             l0_coefficient=0.1, l1_coefficient=0.01, pre_act_coefficient=0.05,
+                             aux_k_coefficient=0.1, aux_k=4),
+        "clt_aux_topk": _crosslayer_aux("topk", 27),
+        "clt_aux_batchtopk": _crosslayer_aux("batchtopk", 28, _mask(), l1_coefficient=0.02),
+    }
+
+
 def cases(world):
     out = {
         "topk": _case(_transcoder("topk", k=6)),
@@ -130,6 +189,7 @@ def cases(world):
         "clt_topk": _crosslayer("topk", 14, False),
         "clt_batchtopk": _crosslayer("batchtopk", 15, True),
         "errors": _errors(world),
+        **aux_cases(),
     }
     if world == 4:
         out["mesh"] = _mesh()
@@ -320,6 +380,72 @@ def test_a_2x2_mesh_shards_over_tp_and_averages_over_dp(launched):
         _check_transcoder_grads(full, r["grads"], r["start"], r["stop"], msg)  # averaged over dp
         assert r["no_dim"][0] == "ValueError" and "mesh_dim" in r["no_dim"][1]
     assert seen == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+def _reference_aux(case):
+    module = copy.deepcopy(case["module"])
+    x = case["x"].clone().requires_grad_()
+    out = module.forward_with_aux(x, case["target"], case.get("mask"))
+    out.losses["loss"].backward()
+    return module, out, x.grad
+
+
+def _check_losses_and_metrics(r, out, msg):
+    assert set(r["losses"]) == set(out.losses), msg
+    for key, want in out.losses.items():
+        torch.testing.assert_close(r["losses"][key], want.detach(), **TOL, msg=f"{msg}: loss {key}")
+    assert set(r["metrics"]) == set(out.metrics), msg
+    for key, want in out.metrics.items():
+        torch.testing.assert_close(r["metrics"][key], want.detach().to(r["metrics"][key].dtype), **TOL,
+                                   msg=f"{msg}: metric {key}")
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", AUX_CASES)
+def test_forward_with_aux_matches_the_unsharded_module(launched, world, name):
+    cs, results = launched(world)
+    case = cs[name]
+    ref, out, dx = _reference_aux(case)
+    assert float(out.losses["auxk"].detach()) > 0  # the dead features reconstruct something
+    for key in ("sparsity", "l0", "pre_act"):  # the terms the case switches on are there
+        coef = getattr(ref.config, {"sparsity": "l1_coefficient"}.get(key, f"{key}_coefficient"))
+        assert (key in out.losses) == (coef > 0 or (key == "sparsity" and ref.activation in ("relu", "jumprelu")))
+    for rank, res in enumerate(results):
+        r = res[name]
+        msg = f"{name}, rank {rank} of {world}"
+        _check_losses_and_metrics(r, out, msg)
+        if ref.activation in ("topk", "batchtopk"):
+            assert torch.equal(r["indices"], out.acts.indices), msg
+            torch.testing.assert_close(r["values"], out.acts.values.detach(), **TOL, msg=msg)
+        else:
+            torch.testing.assert_close(to_dense((r["values"], r["indices"]), ref.n_features),
+                                       to_dense(out.acts, ref.n_features).detach(), **TOL, msg=msg)
+        torch.testing.assert_close(r["y"], out.output.detach(), **TOL, msg=msg)
+        torch.testing.assert_close(r["dx"], dx, **TOL, msg=msg)
+        _check_transcoder_grads(ref, r["grads"], r["start"], r["stop"], msg)
+        _check_state(ref, r["full"], msg)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name", CLT_AUX_CASES)
+def test_crosslayer_forward_with_aux_matches_the_unsharded_module(launched, world, name):
+    cs, results = launched(world)
+    ref, out, dx = _reference_aux(cs[name])
+    assert float(out.losses["auxk"].detach()) > 0
+    for rank, res in enumerate(results):
+        r = res[name]
+        msg = f"{name}, rank {rank} of {world}"
+        _check_losses_and_metrics(r, out, msg)
+        for layer, (a, v, i) in enumerate(zip(out.acts, r["values"], r["indices"])):
+            assert torch.equal(i, a.indices), f"{msg}, layer {layer}"
+            torch.testing.assert_close(v, a.values.detach(), **TOL, msg=f"{msg}, layer {layer}")
+        torch.testing.assert_close(r["y"], torch.stack(out.outputs).detach(), **TOL, msg=msg)
+        torch.testing.assert_close(r["dx"], dx, **TOL, msg=msg)
+        for layer, (full, got) in enumerate(zip(ref.layers, r["grads"])):
+            _check_transcoder_grads(full, got, r["start"], r["stop"], f"{msg}, layer {layer}")
+        torch.testing.assert_close(r["b_dec"], ref.b_dec.grad, **TOL, msg=msg)
+        torch.testing.assert_close(r["W_skip"], ref.W_skip.grad, **TOL, msg=msg)
+        _check_state(ref, r["full"], msg)
 
 
 @pytest.mark.parametrize("world", WORLDS)
