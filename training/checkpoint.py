@@ -10,6 +10,11 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step_<N>/`` with
   adapters' dead-feature counters (``training.train.trainer_state``);
 * ``config.json``: the run's configuration (for people; resuming uses the current configuration).
 
+A sharded run (``fsdp``) writes ``sharded/`` instead of the weights file: the adapter parameters and
+their AdamW state through ``torch.distributed.checkpoint``, each process its own shards, so nothing
+is gathered onto one process; it is read back on any number of processes (one included), each
+taking the pieces its own shards need. ``trainer.pt`` then holds no optimizer state.
+
 It is written to a temporary directory that is renamed into place only when complete, so a crash
 while saving never leaves a half-written checkpoint under a real name; ``checkpoints/latest`` (a
 one-line file, replaced atomically) names the newest one. Older checkpoints beyond
@@ -34,6 +39,7 @@ except ImportError:  # pragma: no cover
 WEIGHTS = "weights.safetensors"
 LEGACY_WEIGHTS = "adapters.safetensors"  # the name in checkpoints written before WEIGHTS
 TRAINER = "trainer.pt"
+SHARDED = "sharded"  # the torch.distributed.checkpoint directory of a sharded run's checkpoint
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -163,13 +169,30 @@ def save_checkpoint(output_dir: str, step: int, model, trainer_state: dict, conf
     weights = ({n: t.detach().to("cpu").contiguous() for n, t in model.items()} if isinstance(model, dict)
                else adapter_state(model))
     save_file(weights, os.path.join(tmp, WEIGHTS), metadata={"step": str(step)})
+    _write_trainer_files(tmp, trainer_state, config)
+    return _commit(output_dir, name, tmp, keep)
+
+
+def _write_trainer_files(tmp: str, trainer_state: dict, config: dict) -> None:
     torch.save(trainer_state, os.path.join(tmp, TRAINER))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=1, default=str)
-    for fn in os.listdir(tmp):
-        with open(os.path.join(tmp, fn), "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(tmp)
+
+
+def _fsync_tree(path: str) -> None:
+    for d, _, files in os.walk(path):
+        for fn in files:
+            with open(os.path.join(d, fn), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(d)
+
+
+def _commit(output_dir: str, name: str, tmp: str, keep: int) -> str:
+    """Rename the complete checkpoint ``tmp`` into place as ``name``, point ``latest`` at it and
+    remove the checkpoints beyond the newest ``keep``; returns its directory."""
+    root = checkpoints_dir(output_dir)
+    final = os.path.join(root, name)
+    _fsync_tree(tmp)
     if os.path.exists(final):  # the same step saved again (e.g. after a resume): swap it out
         old = os.path.join(root, f".{name}.old-{os.getpid()}")
         os.replace(final, old)
@@ -183,6 +206,67 @@ def save_checkpoint(output_dir: str, step: int, model, trainer_state: dict, conf
         if os.path.abspath(old) != os.path.abspath(final):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _state_dicts(model, optimizer) -> dict:
+    """The adapter parameters and the optimizer state, as ``torch.distributed.checkpoint`` saves
+    and loads them (sharded tensors stay sharded)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)),
+            "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_sharded_checkpoint(output_dir: str, step: int, model, optimizer, trainer_state: Optional[dict],
+                            config: dict, keep: int, main: bool, barrier) -> str:
+    """Write checkpoint ``step`` of a sharded run atomically; every process calls it. Each process
+    writes its shards of the adapters and of their optimizer state; ``main`` (with the
+    ``trainer_state``) writes the rest and commits. ``barrier``: waits for every process."""
+    import torch.distributed.checkpoint as dcp
+
+    root = checkpoints_dir(output_dir)
+    name = f"step_{step:08d}"
+    tmp = os.path.join(root, f".{name}.tmp")  # one name for every process
+    if main:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    barrier()
+    dcp.save(_state_dicts(model, optimizer), checkpoint_id=os.path.join(tmp, SHARDED))
+    if main:
+        _write_trainer_files(tmp, trainer_state, config)
+    barrier()  # every process's shards are written
+    if main:
+        _commit(output_dir, name, tmp, keep)
+    barrier()
+    return os.path.join(root, name)
+
+
+def is_sharded(path: str) -> bool:
+    """Whether checkpoint directory ``path`` was written by a sharded run."""
+    return os.path.isdir(os.path.join(path, SHARDED))
+
+
+def load_sharded_checkpoint(path: str, model, optimizer) -> dict:
+    """Load a sharded run's checkpoint into the adapters of ``model`` and ``optimizer`` (sharded or
+    not, on any number of processes; every process calls it); returns the trainer state."""
+    import torch.distributed
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    where = os.path.join(path, SHARDED)
+    states = _state_dicts(model, optimizer)
+    try:
+        dcp.load(states, checkpoint_id=where, no_dist=not torch.distributed.is_initialized())
+    except Exception as e:
+        raise CheckpointError(f"{where}: cannot read the sharded adapters and optimizer state "
+                              f"({type(e).__name__}: {str(e)[:500]}){_other_checkpoints(path)}") from None
+    set_model_state_dict(model, states["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, states["optimizer"])
+    return _read_trainer_state(path)
 
 
 def weights_file(path: str) -> str:
@@ -209,9 +293,10 @@ def resolve_resume(resume_from: Optional[str], output_dir: str) -> Optional[str]
                                             if os.path.basename(path) == "checkpoints" else None)
         if inner is not None:
             return inner
-    if not os.path.isfile(os.path.join(path, TRAINER)) or not os.path.isfile(weights_file(path)):
+    if not os.path.isfile(os.path.join(path, TRAINER)) or not (os.path.isfile(weights_file(path))
+                                                               or is_sharded(path)):
         raise CheckpointError(f"--resume_from {path!r}: not a checkpoint directory "
-                              f"(expected {WEIGHTS} and {TRAINER} in it)")
+                              f"(expected {WEIGHTS} or {SHARDED}/, and {TRAINER} in it)")
     return path
 
 
@@ -235,6 +320,11 @@ def load_checkpoint(path: str, model) -> dict:
             model(weights)
     except CheckpointError as e:
         raise CheckpointError(f"{adapters}: {e}") from None
+    return _read_trainer_state(path)
+
+
+def _read_trainer_state(path: str) -> dict:
+    trainer = os.path.join(path, TRAINER)
     try:
         state = torch.load(trainer, map_location="cpu", weights_only=False)
     except Exception as e:

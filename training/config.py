@@ -57,6 +57,8 @@ class Config:
                               "the mean over sequences (equal at micro_batch_size 1)", ("token", "sequence"))
     kl_chunk_tokens: int = _f(1024, "tokens per chunk of the full-vocabulary KL")
     gradient_checkpointing: bool = _f(False, "recompute each layer in backward instead of keeping its activations")
+    fsdp: bool = _f(False, "shard every decoder layer of both models, the adapters and their optimizer state "
+                    "across the processes (FSDP2; under torchrun) instead of a whole copy per process (DDP)")
     # ---- data ---------------------------------------------------------------------------------
     train_data: str = _f("", "training data: .jsonl/.json/.parquet, a saved HF dataset, or a hub name")
     train_split: str = _f("train", "split of a saved/hub dataset")

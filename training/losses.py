@@ -197,7 +197,7 @@ def sparsity(features: FeatureRecorder, weights: Tensor) -> Tensor:
     total = torch.zeros((), device=weights.device)
     w = weights.to(torch.float32)
     for i in features.layers:
-        per_token = features.adapters[i].transcoder.sparsity_per_token(features.tokens(i))
+        per_token = features.sparsity_per_token(i)
         total = total + (per_token * w).sum()
     return total
 

@@ -3,6 +3,7 @@
     python -m training.train                                   # the embedded tiny default, minutes on a CPU
     python -m training.train --config training/configs/r1_distil_7b.yaml [--field value ...]
     torchrun --nproc_per_node 8 -m training.train --config ...  # data parallel (nccl on GPUs, gloo on CPU)
+    torchrun --nproc_per_node 8 -m training.train --config ... --fsdp  # fully sharded (training/sharding.py)
     python -m training.train --help                            # every field
 
 The loop, in order: check the configuration, files and model pair (every problem is reported before
@@ -35,6 +36,7 @@ import torch
 from tckernels.nn.metrics import advance_tokens_since_fired_
 from training import checkpoint as ckpt
 from training import loop
+from training import sharding
 from training.config import DEFAULT_CONFIG, Config, ConfigError
 from training.data import DataError, ResumableBatches, load_records, load_tokenizer, prepare_examples
 from training.evaluate import sample_generations, validate
@@ -73,10 +75,10 @@ def check_pair_configs(cb, cr) -> None:
 
 
 def build_models(cfg: Config, device):
-    """(adapted model, reference model). For ``backbone: target`` the adapted model is the reference
-    with every MLP replaced by the base model's (the hybrid) plus adapters; for ``base`` it is the
-    base model plus adapters. Adapters start at the original's initialisation (decoder 0), so the
-    adapted model starts exactly at its backbone."""
+    """(adapted model, reference model) on ``device``. For ``backbone: target`` the adapted model is
+    the reference with every MLP replaced by the base model's (the hybrid) plus adapters; for
+    ``base`` it is the base model plus adapters. Adapters start at the original's initialisation
+    (decoder 0), so the adapted model starts exactly at its backbone."""
     from tckernels.models import adapt_model, build_hybrid
 
     from training.forward_utils import check_compatible
@@ -171,6 +173,7 @@ class Trainer:
     objective: BridgingObjective
     model_for_step: torch.nn.Module  # the objective, or its DDP wrapper when there are several processes
     params: list  # the adapter parameters: the only ones trained
+    sharded_layers: list  # under FSDP, every decoder layer of both models (empty otherwise)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
@@ -205,14 +208,24 @@ def setup(cfg: Config, pg: Dist) -> Trainer:
     batches = ResumableBatches(train_ex, cfg.micro_batch_size, tokenizer.pad_token_id, seed=cfg.seed,
                                rank=pg.rank, world_size=pg.world)
 
-    adapted, reference = build_models(cfg, device)
+    sharded_layers = []
+    if cfg.fsdp and pg.enabled:
+        # the layers are sharded from the CPU so no process ever holds a whole model on its device
+        adapted, reference = build_models(cfg, torch.device("cpu"))
+        mesh = sharding.device_mesh(device, pg.world)
+        for model in (adapted, reference):
+            sharded_layers += sharding.shard_layers_(model, mesh, DTYPES[cfg.dtype])
+            sharding.move_unsharded_(model, device)
+    else:
+        adapted, reference = build_models(cfg, device)
     objective = BridgingObjective(adapted, reference, cfg.lambda_adapt, cfg.l1_weight, cfg.lambda_nmse,
                                   cfg.lambda_bridge, cfg.kl_chunk_tokens, cfg.gradient_checkpointing,
                                   cfg.batch_reduction)
     from tckernels.models import adapter_parameters
 
     params = adapter_parameters(adapted)  # in adapter_dtype (float32 by default) whatever the model's dtype
-    model_for_step = _data_parallel(objective, adapted, params, device) if pg.enabled else objective
+    data_parallel = pg.enabled and not sharded_layers
+    model_for_step = _data_parallel(objective, adapted, params, device) if data_parallel else objective
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -223,8 +236,8 @@ def setup(cfg: Config, pg: Dist) -> Trainer:
     silent_for = torch.zeros(objective.n_layers, cfg.n_features, dtype=torch.int64, device=device)
     tr = Trainer(cfg=cfg, pg=pg, tokenizer=tokenizer, train_ex=train_ex, val_ex=val_ex, val_records=val_records,
                  batches=batches, adapted=adapted, objective=objective, model_for_step=model_for_step,
-                 params=params, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
-                 silent_for=silent_for)
+                 params=params, sharded_layers=sharded_layers, optimizer=optimizer, scheduler=scheduler,
+                 total_steps=total_steps, silent_for=silent_for)
     if resume_path is not None:
         resume(tr, resume_path)
     if pg.main:
@@ -236,6 +249,7 @@ def setup(cfg: Config, pg: Dist) -> Trainer:
               f"({n_params / 1e6:.2f}M trainable), backbone {cfg.backbone}, {len(train_ex)} training / "
               f"{len(val_ex)} validation sequences, {total_steps} steps of {cfg.grad_accum_steps} x "
               f"{cfg.micro_batch_size} x {pg.world} sequences, device {device}"
+              + (f", fully sharded over {pg.world} processes" if sharded_layers else "")
               + (f", resumed from {resume_path} at step {tr.step}" if resume_path else ""), flush=True)
     return tr
 
@@ -255,20 +269,51 @@ def _data_parallel(objective, adapted, params, device):
 # --------------------------------------------------------------------------------------------------
 # checkpoints: what is saved (trainer_state) and restored (resume) side by side
 # --------------------------------------------------------------------------------------------------
+def global_batch(cfg: Config, world: int) -> int:
+    """Sequences per optimizer step, over every process."""
+    return cfg.micro_batch_size * cfg.grad_accum_steps * world
+
+
 def trainer_state(tr: Trainer, rngs: list) -> dict:
-    """The checkpoint's ``trainer.pt`` (the adapters are saved on their own); ``rngs``: every
-    process's RNG states, by rank."""
-    return {"optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(), "step": tr.step,
-            "tokens": tr.tokens_seen, "data": tr.batches.state_dict(), "rng": rngs,
-            "start_eval": tr.start_eval, "silent_for": tr.silent_for.cpu()}
+    """The checkpoint's ``trainer.pt`` (the adapters are saved on their own, and so is the optimizer
+    state of a sharded run); ``rngs``: every process's RNG states, by rank."""
+    state = {"scheduler": tr.scheduler.state_dict(), "step": tr.step, "tokens": tr.tokens_seen,
+             "data": tr.batches.state_dict(), "rng": rngs, "start_eval": tr.start_eval,
+             "silent_for": tr.silent_for.cpu(), "global_batch": global_batch(tr.cfg, tr.pg.world)}
+    if not tr.sharded_layers:
+        state["optimizer"] = tr.optimizer.state_dict()
+    return state
+
+
+def _check_global_batch(tr: Trainer, state: dict, path: str) -> None:
+    """A run continues exactly only with the batches of the run it resumes: the same sequences per
+    optimizer step, however many processes share them."""
+    saved, now = state.get("global_batch"), global_batch(tr.cfg, tr.pg.world)
+    if saved is None or saved == now:
+        return
+    cfg = tr.cfg
+    per_step = cfg.micro_batch_size * tr.pg.world
+    hint = (f"; with {tr.pg.world} processes of micro_batch_size {cfg.micro_batch_size}, set "
+            f"--grad_accum_steps {saved // per_step}" if saved % per_step == 0 else "")
+    raise ckpt.CheckpointError(
+        f"{path}: written by a run of {saved} sequences per optimizer step; this run has {now} "
+        f"(micro_batch_size {cfg.micro_batch_size} x grad_accum_steps {cfg.grad_accum_steps} x "
+        f"{tr.pg.world} processes){hint}")
 
 
 def resume(tr: Trainer, path: str) -> None:
     """Load checkpoint ``path`` into the adapters and ``tr``, so that training continues exactly
-    where it stopped."""
-    state = ckpt.load_checkpoint(path, tr.adapted)
+    where it stopped (on any number of processes, for a checkpoint of a sharded run)."""
+    if ckpt.is_sharded(path):
+        state = ckpt.load_sharded_checkpoint(path, tr.adapted, tr.optimizer)
+    elif tr.sharded_layers:
+        raise ckpt.CheckpointError(f"{path}: written by a run without fsdp; resume it without --fsdp")
+    else:
+        state = ckpt.load_checkpoint(path, tr.adapted)
+    _check_global_batch(tr, state, path)
     try:
-        tr.optimizer.load_state_dict(state["optimizer"])
+        if not ckpt.is_sharded(path):  # a sharded checkpoint's optimizer state was loaded with its shards
+            tr.optimizer.load_state_dict(state["optimizer"])
         tr.scheduler.load_state_dict(state["scheduler"])
         tr.batches.load_state_dict(state["data"])
         tr.step, tr.tokens_seen, tr.start_eval = state["step"], state["tokens"], state.get("start_eval")
@@ -285,17 +330,30 @@ def resume(tr: Trainer, path: str) -> None:
 
 
 def write_checkpoint(tr: Trainer) -> None:
-    """Checkpoint step ``tr.step``: every process's RNG states are gathered, the main process writes."""
+    """Checkpoint step ``tr.step``: every process's RNG states are gathered; the main process writes,
+    or, for a sharded run, every process writes its shards and the main process the rest."""
     rngs = tr.pg.gather_objects(ckpt.rng_state())
+    cfg = tr.cfg
+    if tr.sharded_layers:
+        tr.last_good = ckpt.save_sharded_checkpoint(
+            cfg.output_dir, tr.step, tr.adapted, tr.optimizer, trainer_state(tr, rngs) if tr.pg.main else None,
+            cfg.to_dict(), cfg.keep_checkpoints, main=tr.pg.main, barrier=tr.pg.barrier)
+        return
     if tr.pg.main:
-        tr.last_good = ckpt.save_checkpoint(tr.cfg.output_dir, tr.step, tr.adapted, trainer_state(tr, rngs),
-                                            tr.cfg.to_dict(), tr.cfg.keep_checkpoints)
+        tr.last_good = ckpt.save_checkpoint(cfg.output_dir, tr.step, tr.adapted, trainer_state(tr, rngs),
+                                            cfg.to_dict(), cfg.keep_checkpoints)
     tr.pg.barrier()
 
 
 # --------------------------------------------------------------------------------------------------
-# validation (on the main process)
+# validation: on the main process, or under FSDP on every process (each layer's forward gathers its
+# weights from all of them); the main process logs
 # --------------------------------------------------------------------------------------------------
+def validates(tr: Trainer) -> bool:
+    """Whether this process runs the validations and sample generations."""
+    return tr.pg.main or bool(tr.sharded_layers)
+
+
 def validate_and_log(tr: Trainer, when: str) -> Optional[dict]:
     """Validation metrics (``training/evaluate.py``), logged with ``when``; None without validation data."""
     if not tr.val_ex:
@@ -308,9 +366,9 @@ def validate_and_log(tr: Trainer, when: str) -> Optional[dict]:
 
 def validate_at_start(tr: Trainer) -> None:
     """Validate the hybrid start, unless a resumed run already did."""
-    if tr.start_eval is None and tr.pg.main:
+    if tr.start_eval is None and validates(tr):
         tr.start_eval = validate_and_log(tr, "start")
-        if tr.start_eval:
+        if tr.start_eval and tr.pg.main:
             print(f"validation at the start: KL(reference || hybrid) {tr.start_eval['kl_hybrid']:.4f}, "
                   f"top-1 agreement {100 * tr.start_eval['top1_hybrid']:.1f}%", flush=True)
     tr.pg.barrier()
@@ -319,9 +377,9 @@ def validate_at_start(tr: Trainer) -> None:
 def validate_periodically(tr: Trainer, bar) -> None:
     """Every ``eval_every`` steps, except the last one (``finish`` validates after it)."""
     cfg = tr.cfg
-    if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < tr.total_steps and tr.pg.main:
+    if cfg.eval_every and tr.step % cfg.eval_every == 0 and tr.step < tr.total_steps and validates(tr):
         v = validate_and_log(tr, "periodic")
-        if v:
+        if v and tr.pg.main:
             say(bar, f"step {tr.step}: validation KL {v['kl']:.4f} (hybrid {v['kl_hybrid']:.4f}), "
                      f"top-1 {100 * v['top1']:.1f}%, L0 {v['l0']:.2f}")
 
@@ -329,11 +387,13 @@ def validate_periodically(tr: Trainer, bar) -> None:
 # --------------------------------------------------------------------------------------------------
 # one optimizer step
 # --------------------------------------------------------------------------------------------------
-def micro_batch_generator(cfg: Config, step: int, micro: int, rank: int) -> torch.Generator:
-    """The generator of micro-batch ``micro`` of optimizer step ``step`` (from 0) on process ``rank``:
-    seeded by these numbers alone, so a resumed run draws the same cut-offs as an uninterrupted one."""
-    return torch.Generator().manual_seed(
-        (cfg.seed * 1_000_003 + (step * cfg.grad_accum_steps + micro) * 7_919 + rank) % (2**63))
+def micro_batch_generator(cfg: Config, step: int, micro: int, rank: int, world: int) -> torch.Generator:
+    """The generator of micro-batch ``micro`` of optimizer step ``step`` (from 0) on process ``rank``
+    of ``world``: seeded by the micro-batch's place in the global order of micro-batches alone (the
+    order in which ``ResumableBatches`` deals out the data), so a resumed run draws the same cut-offs
+    as an uninterrupted one, also on another number of processes that deal out the same micro-batches."""
+    place = (step * cfg.grad_accum_steps + micro) * world + rank
+    return torch.Generator().manual_seed((cfg.seed * 1_000_003 + place * 7_919) % (2**63))
 
 
 def train_step(tr: Trainer) -> dict:
@@ -349,10 +409,16 @@ def train_step(tr: Trainer) -> dict:
     fired = torch.zeros(L, cfg.n_features, dtype=torch.bool, device=device)
     for micro in range(cfg.grad_accum_steps):
         batch = {k: v.to(device) for k, v in tr.batches.next().items()}
-        cutoffs = sample_cutoffs(L, cfg.n_cutoffs, micro_batch_generator(cfg, tr.step, micro, pg.rank))
+        # under FSDP every process must run the same layers (each forward gathers the layer's weights
+        # from all of them): one draw per global micro-batch, as one process would draw for all of it
+        rank, world = (0, 1) if tr.sharded_layers else (pg.rank, pg.world)
+        cutoffs = sample_cutoffs(L, cfg.n_cutoffs, micro_batch_generator(cfg, tr.step, micro, rank, world))
+        last = micro == cfg.grad_accum_steps - 1
         sync = contextlib.nullcontext()
-        if pg.enabled and micro < cfg.grad_accum_steps - 1:
-            sync = tr.model_for_step.no_sync()  # gradients are all-reduced once, after the last micro-batch
+        if tr.sharded_layers:  # gradients are reduced once, after the last micro-batch
+            sharding.set_gradient_sync(tr.sharded_layers, last)
+        elif pg.enabled and not last:
+            sync = tr.model_for_step.no_sync()
         with sync:
             out = tr.model_for_step(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], cutoffs)
             (out["loss"] / cfg.grad_accum_steps).backward()
@@ -363,6 +429,7 @@ def train_step(tr: Trainer) -> dict:
         step_tokens += n_tok
         fired |= out["fired"]
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    grad_norm = sharding.full_tensor(grad_norm)  # the norm over every shard
 
     # one all-reduce for every number of the step
     vals = pg.all_mean(torch.cat([sums, l0_layers, step_tokens.reshape(1),
@@ -462,16 +529,19 @@ def finish(tr: Trainer, halted: bool, t_start: float) -> dict:
         summary["halted"] = True
         tr.reporter.close()
         return summary
-    if pg.main:
+    if validates(tr):
         summary["final"] = validate_and_log(tr, "end")
         if cfg.n_generations and tr.val_records:
             tr.adapted.eval()
             summary["generations"] = sample_generations(tr.objective, tr.tokenizer, tr.val_records, cfg.chat_format,
                                                         cfg.n_generations, cfg.max_new_tokens, cfg.hesitation_word,
                                                         pg.device)
+    # a sharded model's whole state is gathered onto the main process's CPU (every process takes part)
+    final_state = sharding.full_state_dict(tr.adapted) if tr.sharded_layers and cfg.save_final_model else None
+    if pg.main:
         if cfg.save_final_model:
             out_dir = os.path.join(cfg.output_dir, "final_model")
-            tr.adapted.save_pretrained(out_dir)
+            tr.adapted.save_pretrained(out_dir, state_dict=final_state)
             tr.tokenizer.save_pretrained(out_dir)
             summary["final_model"] = out_dir
         summary["total_seconds"] = round(time.time() - t_start, 1)

@@ -76,6 +76,9 @@ class TranscoderDecoder(nn.Module):
         self.in_features, self.out_features = n_features, d_model
         self.weight = nn.Parameter(torch.empty(n_features, d_model, dtype=dtype, device=device).t())
         self.bias = nn.Parameter(torch.empty(d_model, dtype=dtype, device=device)) if bias else None
+        # False when something else owns the weight's memory (FSDP, which needs it contiguous as
+        # [d, F]): the layout is then left alone and the sparse decode reads the transpose view
+        self.row_per_feature = True
         self._register_state_dict_hook(_export_contiguous_weight)
         self.register_load_state_dict_post_hook(_relayout_after_load)
 
@@ -92,7 +95,7 @@ class TranscoderDecoder(nn.Module):
         """Give ``weight`` its row-per-feature memory again (in place: the Parameter object, its
         ``requires_grad`` and any optimizer state keyed on it stay)."""
         w = self.weight
-        if not w.t().is_contiguous() and w.device.type != "meta":
+        if self.row_per_feature and not w.t().is_contiguous() and w.device.type != "meta":
             w.data = _row_per_feature(w.data)
         return self
 
@@ -195,6 +198,6 @@ class AdapterTranscoder(Transcoder):
 
     def decode(self, acts: SparseActivations, x: Optional[Tensor] = None) -> Tensor:
         dec = self.transcoder_dec
-        if not dec.has_layout() and not torch.compiler.is_compiling():
+        if dec.row_per_feature and not dec.has_layout() and not torch.compiler.is_compiling():
             dec.ensure_layout_()  # once, after a loader replaced the weight (eager mode only)
         return super().decode(acts, x)

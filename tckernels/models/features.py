@@ -46,6 +46,10 @@ Layers = Optional[Iterable[int]]
 # ------------------------------------------------------------------------------------------------
 
 
+def _keep(t: Tensor) -> Tensor:
+    return t
+
+
 class FeatureRecorder:
     """Activations recorded by :func:`record_features`.
 
@@ -53,6 +57,9 @@ class FeatureRecorder:
     per forward call (the encoder's output before interventions; padded slots have value 0; ``w``
     may differ between calls); values are detached unless recorded with ``grad=True``.
     ``adapters[layer]``: the adapter module of that layer.
+    With ``grad=True`` each record's per-token sparsity term (the transcoder's
+    ``sparsity_per_token``) is computed in the hook too, while the layer's weights are in hand:
+    under FSDP they are gathered for the layer's forward only.
     """
 
     def __init__(self, adapters: Dict[int, TranscoderAdapterMLP], to_cpu: bool, grad: bool):
@@ -62,11 +69,17 @@ class FeatureRecorder:
         self.to_cpu = to_cpu
         self.grad = grad
         self.records: Dict[int, List[SparseActivations]] = {i: [] for i in adapters}
+        self.sparsity: Dict[int, List[Tensor]] = {i: [] for i in adapters}
 
     def _hook(self, layer: int):
-        def hook(_adapter, acts: SparseActivations):
+        def hook(adapter, acts: SparseActivations):
             values, indices = acts
-            if not self.grad:
+            if self.grad:
+                # saved as usual, not by an activation checkpoint around the layer: its recomputation
+                # runs without this hook and must save what the first run saved
+                with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                    self.sparsity[layer].append(adapter.transcoder.sparsity_per_token(acts))
+            else:
                 values = values.detach()
             if self.to_cpu:
                 values, indices = values.cpu(), indices.cpu()
@@ -102,6 +115,15 @@ class FeatureRecorder:
             vs.append(v)
             ids.append(i)
         return SparseActivations(torch.cat(vs, dim), torch.cat(ids, dim))
+
+    def sparsity_per_token(self, layer: int, dim: int = -2) -> Tensor:
+        """Every call's per-token sparsity term at ``layer`` (recorded with ``grad=True``), joined
+        along ``dim`` of the inputs' leading shape as :meth:`tokens` joins the activations."""
+        self._check(layer)
+        if not self.grad:
+            raise RuntimeError("sparsity_per_token needs a recording made with grad=True")
+        parts = self.sparsity[layer]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim + 1 if dim < 0 else dim)
 
     def dense(self, layer: int, dim: int = -2) -> Tensor:
         """:meth:`tokens` scattered into dense ``[..., n_features]`` activations."""
