@@ -51,7 +51,7 @@ from training.activations import (HOOK_POINTS, ActivationBuffer, ActivationStrea
                                   with_first_tensor)
 from training.config import ConfigError, _f
 from training.data import DataError, load_tokenizer
-from training.dictionaries import ARCHITECTURES, BILINEAR_KINDS, build_dictionary
+from training.dictionaries import ARCHITECTURES, BILINEAR_KINDS, CrossLayer, PerLayerTranscoders, build_dictionary
 from training.reporting import Reporter, progress_bar, say
 from training import loop
 from training.loop import (RUN_OUTPUTS, Dist, SetupError, TrainingDiverged, check_model_path, check_output_dir,
@@ -135,6 +135,8 @@ class TranscoderRunConfig:
     seed: int = _f(0, "seed of the initialisation, data order and buffer shuffles")
     device: str = _f("auto", "'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N' (torchrun: one GPU per process)")
     num_threads: Optional[int] = _f(None, "torch CPU threads per process (default: torch's)")
+    feature_shards: int = _f(1, "processes that split each dictionary's features; world size = feature_shards x "
+                             "data-parallel replicas (torchrun; per_layer and crosslayer)")
     # ---- run, logging, checkpoints ------------------------------------------------------------
     output_dir: str = _f("runs/transcoders", "where metrics, checkpoints and the transcoders go")
     log_every: int = _f(10, "steps between metric lines")
@@ -159,7 +161,7 @@ class TranscoderRunConfig:
                 errs.append(f"{f.name}: {getattr(self, f.name)!r} is not one of {list(ch)}")
         for name in ("context_length", "forward_batch_size", "buffer_tokens", "batch_tokens", "n_features",
                      "dead_after_tokens", "standardize_batches", "max_steps", "log_every", "keep_checkpoints",
-                     "val_sequences", "val_batch_size"):
+                     "val_sequences", "val_batch_size", "feature_shards"):
             if getattr(self, name) < 1:
                 errs.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("max_train_sequences", "halt_at_step", "num_threads", "k", "aux_k"):
@@ -196,6 +198,16 @@ class TranscoderRunConfig:
                 HOOK_POINTS.index(self.output_hook) < HOOK_POINTS.index(self.input_hook)):
             errs.append(f"output_hook: {self.output_hook!r} comes before input_hook {self.input_hook!r} in a layer's "
                         f"forward ({' -> '.join(HOOK_POINTS)})")
+        if self.feature_shards > 1:
+            if self.architecture == "bilinear":
+                errs.append("feature_shards: architecture 'bilinear' is dense and cannot be feature-sharded; use "
+                            "feature_shards 1 (data parallel) or architecture per_layer / crosslayer")
+            if self.n_features < self.feature_shards:
+                errs.append(f"feature_shards: {self.feature_shards} > n_features {self.n_features}; every shard "
+                            f"needs a feature")
+            if self.optimizer == "muon":
+                errs.append("feature_shards: optimizer 'muon' orthogonalises whole weight matrices, which a "
+                            "feature shard does not hold; use optimizer adamw, or feature_shards 1")
         if self.buffer_tokens < 2 * self.batch_tokens:
             errs.append(f"buffer_tokens: {self.buffer_tokens} must be at least 2 x batch_tokens ({self.batch_tokens})")
         try:
@@ -264,6 +276,7 @@ class Trainer:
     last_good: Optional[str] = None
     t0: float = 0.0
     reporter: Optional[Reporter] = None
+    par: Optional["Parallel"] = None  # how the processes split the data and the features
 
 
 def preflight(cfg: TranscoderRunConfig) -> None:
@@ -345,8 +358,181 @@ def make_optimizers(cfg: TranscoderRunConfig, dictionary: torch.nn.Module, devic
     return opts
 
 
+# --------------------------------------------------------------------------------------------------
+# feature sharding: the processes of a tensor-parallel group split each dictionary's features
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Parallel:
+    """How the processes split the work: ``shards`` processes (one "tp" group of the mesh) hold one
+    slice each of every dictionary's features and see the same batches; ``dp`` such groups read
+    different data and average their gradients. Without feature sharding every process is a
+    data-parallel replica (DDP) and ``mesh`` is None."""
+    shards: int
+    dp: int
+    dp_rank: int
+    tp_rank: int = 0
+    mesh: object = None  # DeviceMesh ("dp", "tp") when shards > 1
+
+    @property
+    def sharded(self) -> bool:
+        return self.shards > 1
+
+    @property
+    def dp_group(self):
+        """The data-parallel group: the mesh's "dp" dim, or every process (None)."""
+        return self.mesh.get_group("dp") if self.mesh is not None else None
+
+
+def parallel_layout(cfg: TranscoderRunConfig, pg) -> Parallel:
+    if pg.world % cfg.feature_shards:
+        raise ConfigError(f"feature_shards: {cfg.feature_shards} does not divide the number of processes "
+                          f"(WORLD_SIZE {pg.world}); the world is feature_shards x data-parallel replicas")
+    if cfg.feature_shards == 1:
+        return Parallel(1, pg.world, pg.rank)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # tp is the inner dim: a tensor-parallel group is consecutive ranks, on one node when it fits
+    mesh = init_device_mesh(pg.device.type, (pg.world // cfg.feature_shards, cfg.feature_shards),
+                            mesh_dim_names=("dp", "tp"))
+    return Parallel(cfg.feature_shards, pg.world // cfg.feature_shards, mesh.get_local_rank("dp"),
+                    mesh.get_local_rank("tp"), mesh)
+
+
+class ShardedCrossLayer(CrossLayer):
+    """``CrossLayer`` over a ``FeatureShardedCrossLayerTranscoder``: the per-layer dead-feature
+    figure counts every slice, not this process's."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        loss, per_layer = super().forward(x, y)
+        for rec, src in zip(per_layer, self.clt.layers):
+            rec["dead"] = int(src.count_dead())
+        return loss, per_layer
+
+
+def shard_dictionary(dictionary: torch.nn.Module, mesh) -> torch.nn.Module:
+    """This process's slice of ``dictionary`` (the same full one on every process) over the mesh's
+    "tp" dim: per-layer transcoders as FeatureShardedTranscoders in a ``PerLayerTranscoders``, a
+    cross-layer transcoder as a FeatureShardedCrossLayerTranscoder in a ``ShardedCrossLayer``."""
+    from tckernels.nn.sharded import FeatureShardedCrossLayerTranscoder, FeatureShardedTranscoder
+
+    if isinstance(dictionary, PerLayerTranscoders):
+        return PerLayerTranscoders(dictionary.layers, [FeatureShardedTranscoder.from_transcoder(tc, mesh, mesh_dim="tp")
+                                                       for tc in dictionary.transcoders])
+    if isinstance(dictionary, CrossLayer):
+        return ShardedCrossLayer(dictionary.layers,
+                                 FeatureShardedCrossLayerTranscoder.from_crosslayer(dictionary.clt, mesh, mesh_dim="tp"))
+    raise ConfigError(f"feature_shards: a {type(dictionary).__name__} cannot be feature-sharded")
+
+
+def whole_dictionary(tr: Trainer) -> torch.nn.Module:
+    """The full dictionary: the trained one, or with feature sharding its slices gathered into an
+    ordinary one (on every process; collective), which validation, checkpoints and export use."""
+    d = tr.dictionary
+    if not tr.par.sharded:
+        return d
+    if isinstance(d, PerLayerTranscoders):
+        return PerLayerTranscoders(d.layers, [tc.to_transcoder() for tc in d.transcoders])
+    return CrossLayer(d.layers, d.clt.to_crosslayer())
+
+
+def load_whole_dictionary_(tr: Trainer, full: torch.nn.Module) -> None:
+    """Copy a full dictionary's weights and state into this process's slices, in place (the
+    optimizers keep their parameters). Collective."""
+    d = tr.dictionary
+    if isinstance(d, PerLayerTranscoders):
+        for mine, tc in zip(d.transcoders, full.transcoders):
+            mine.copy_from_(tc)
+    else:
+        d.clt.copy_from_(full.clt)
+
+
+def _row_owners(tr: Trainer) -> dict:
+    """``id(parameter) -> the FeatureShardedTranscoder holding its rows`` for the sharded parameters."""
+    from tckernels.nn.sharded import FeatureShardedTranscoder
+
+    owners = {}
+    for m in tr.dictionary.modules():
+        if isinstance(m, FeatureShardedTranscoder):
+            owners.update({id(p): m for p in m.shard.parameters() if m.is_sharded(p)})
+    return owners
+
+
+def _optimizer_params(o: torch.optim.Optimizer) -> list:
+    return [p for g in o.param_groups for p in g["params"]]  # the order of the state dict's indices
+
+
+def whole_optimizer_state(tr: Trainer, o: torch.optim.Optimizer) -> dict:
+    """``o.state_dict()`` as the full dictionary's optimizer would have it: every per-feature state
+    of a sharded parameter (AdamW's moments) gathered from its slices. The parameters' order is the
+    full dictionary's, so the checkpoint does not depend on feature_shards. Collective."""
+    sd = o.state_dict()
+    if not tr.par.sharded:
+        return sd
+    owners = _row_owners(tr)
+    state = {}
+    for i, p in enumerate(_optimizer_params(o)):
+        if i not in sd["state"]:
+            continue
+        m = owners.get(id(p))
+        state[i] = {k: (m.gather_rows(v) if m is not None and torch.is_tensor(v) and v.shape == p.shape else v)
+                    for k, v in sd["state"][i].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def load_whole_optimizer_state_(tr: Trainer, o: torch.optim.Optimizer, sd: dict) -> None:
+    """Load a full dictionary's optimizer state (``whole_optimizer_state``'s layout) into ``o``:
+    this process's rows of every per-feature state."""
+    if tr.par.sharded:
+        owners = _row_owners(tr)
+        state = {}
+        for i, p in enumerate(_optimizer_params(o)):
+            if i not in sd["state"]:
+                continue
+            m = owners.get(id(p))
+            state[i] = {k: (m.local_rows(v) if m is not None and torch.is_tensor(v) and v.dim() == p.dim()
+                            and v.shape[0] == m.n_features else v) for k, v in sd["state"][i].items()}
+        sd = {"state": state, "param_groups": sd["param_groups"]}
+    o.load_state_dict(sd)
+
+
+def average_gradients_over_dp(tr: Trainer) -> None:
+    """Feature sharding: the mean of the gradients over the data-parallel replicas (DDP does it
+    otherwise). Each tp rank averages its slice with the same slice of the other replicas."""
+    if not tr.par.sharded or tr.par.dp == 1:
+        return
+    grads = [p.grad for p in tr.dictionary.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all of them
+    dist.all_reduce(flat, group=tr.par.dp_group)
+    flat /= tr.par.dp
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def clip_gradients(tr: Trainer, max_norm: float) -> float:
+    """``clip_grad_norm_`` over the whole dictionary; returns the total norm before clipping. With
+    feature sharding the squares of the sharded parameters' gradients are summed over the tp group
+    and the replicated ones (equal on every tp rank) counted once."""
+    params = [p for p in tr.dictionary.parameters() if p.grad is not None]
+    if not tr.par.sharded:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    owners = _row_owners(tr)
+    sq = torch.zeros(2, dtype=torch.float64, device=tr.pg.device)  # [sharded, replicated]
+    for p in params:
+        sq[0 if id(p) in owners else 1] += p.grad.detach().double().pow(2).sum()
+    shared = sq[0].clone()
+    dist.all_reduce(shared, group=tr.par.mesh.get_group("tp"))
+    total = float((shared + sq[1]).sqrt())
+    coef = min(max_norm / (total + 1e-6), 1.0)
+    for p in params:
+        p.grad.mul_(coef)
+    return total
+
+
 def setup(cfg: TranscoderRunConfig, pg: Dist) -> Trainer:
     preflight(cfg)
+    par = parallel_layout(cfg, pg)
     resume_path = ckpt.resolve_resume(cfg.resume_from, cfg.output_dir)
     earlier_run = check_output_dir(cfg, resume_path, RUN_OUTPUTS + ("transcoders",)) if pg.main else []
     from transformers import AutoConfig
@@ -361,19 +547,24 @@ def setup(cfg: TranscoderRunConfig, pg: Dist) -> Trainer:
     model = load_model("model", cfg.model, cfg, pg.device)
     for p in model.parameters():
         p.requires_grad_(False)
-    # each process runs its own forwards (rank, rank + world, ...) and shuffles its own buffer
+    # each data-parallel replica runs its own forwards (replica r: r, r + dp, ...) and shuffles its own
+    # buffer; the feature shards of one replica make the same batches, so they need no broadcast
     stream = ActivationStream(model, train_ids, layers, cfg.input_hook, cfg.output_hook,
-                              forward_batch_size=cfg.forward_batch_size, seed=cfg.seed, rank=pg.rank,
-                              world_size=pg.world, cache_dir=cfg.cache_dir, data_path=cfg.train_data)
-    buffer = ActivationBuffer(stream, cfg.buffer_tokens, cfg.batch_tokens, seed=cfg.seed + 7919 * pg.rank)
+                              forward_batch_size=cfg.forward_batch_size, seed=cfg.seed, rank=par.dp_rank,
+                              world_size=par.dp, cache_dir=cfg.cache_dir, data_path=cfg.train_data)
+    buffer = ActivationBuffer(stream, cfg.buffer_tokens, cfg.batch_tokens, seed=cfg.seed + 7919 * par.dp_rank)
     try:
         dictionary = build_dictionary(cfg.architecture, layers, stream.d_in, stream.d_out, cfg.n_features,
                                       transcoder_kwargs(cfg), bilinear_kind=cfg.bilinear_kind,
                                       reconstruction_loss=cfg.reconstruction_loss, seed=cfg.seed, device=pg.device)
     except ValueError as e:
         raise ConfigError(f"the dictionary cannot be built from this configuration: {e}") from None
+    if par.sharded:
+        # the full dictionary, initialised as one process would, then sliced: runs with any
+        # feature_shards start from the same weights
+        dictionary = shard_dictionary(dictionary, par.mesh)
     objective = dictionary
-    if pg.enabled:
+    if pg.enabled and not par.sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         # the dead-feature counters and BatchTopK thresholds are combined after each step (sync_state);
@@ -388,7 +579,7 @@ def setup(cfg: TranscoderRunConfig, pg: Dist) -> Trainer:
     optimizers = make_optimizers(cfg, dictionary, pg.device)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, schedule(cfg)) for o in optimizers]
     tr = Trainer(cfg=cfg, pg=pg, model=model, layers=layers, buffer=buffer, val_ids=val_ids, dictionary=dictionary,
-                 objective=objective, optimizers=optimizers, schedulers=schedulers)
+                 objective=objective, optimizers=optimizers, schedulers=schedulers, par=par)
     if resume_path is not None:
         resume(tr, resume_path)
     else:
@@ -404,7 +595,8 @@ def setup(cfg: TranscoderRunConfig, pg: Dist) -> Trainer:
             f", {cfg.activation}" + (f" k={cfg.k}" if cfg.activation in ('topk', 'batchtopk') else ""))
         print(f"transcoders: {what} on layers {layers} x {cfg.n_features} features{act}; {len(train_ids)} training / "
               f"{len(val_ids)} validation rows of {cfg.context_length} tokens, {cfg.max_steps} steps of "
-              f"{cfg.batch_tokens} tokens x {pg.world} process(es), {cfg.optimizer}, device {pg.device}"
+              f"{cfg.batch_tokens} tokens x {par.dp} data-parallel process(es)"
+              + (f" x {par.shards} feature shards" if par.sharded else "") + f", {cfg.optimizer}, device {pg.device}"
               + (f", resumed from {resume_path} at step {tr.step}" if resume_path else ""), flush=True)
     return tr
 
@@ -453,46 +645,60 @@ def _unstats(stats: list):
 
 
 def write_checkpoint(tr: Trainer) -> None:
-    """Every process's buffer position and RNG states, and the (equal on every process) weights,
-    optimizer and scheduler states, written by rank 0."""
-    per_rank = tr.pg.gather_objects({"buffer": tr.buffer.state_dict(), "rng": ckpt.rng_state()})
+    """Every data-parallel replica's buffer position and RNG states, and the (equal on every
+    replica) weights, optimizer and scheduler states, written by rank 0. With feature sharding the
+    weights and optimizer state are gathered first, so the checkpoint is the one a run without it
+    writes and resumes with any feature_shards."""
+    par = tr.par
+    per_rank = tr.pg.gather_objects({"buffer": tr.buffer.state_dict(), "rng": ckpt.rng_state(),
+                                     "dp": par.dp_rank, "tp": par.tp_rank})
+    replicas = sorted((r for r in per_rank if r["tp"] == 0), key=lambda r: r["dp"])  # a replica's shards agree
+    weights = whole_dictionary(tr).weights()
+    optimizers = [whole_optimizer_state(tr, o) for o in tr.optimizers]
     if tr.pg.main:
-        state = {"optimizer": [o.state_dict() for o in tr.optimizers],
+        state = {"optimizer": optimizers,
                  "scheduler": [s.state_dict() for s in tr.schedulers], "step": tr.step, "tokens": tr.tokens_seen,
-                 "world_size": tr.pg.world, "buffer": [r["buffer"] for r in per_rank],
-                 "rng": [r["rng"] for r in per_rank], "std_in": _stats(tr.std_in), "std_out": _stats(tr.std_out)}
-        tr.last_good = ckpt.save_checkpoint(tr.cfg.output_dir, tr.step, tr.dictionary.weights(), state,
+                 "world_size": par.dp, "feature_shards": par.shards, "buffer": [r["buffer"] for r in replicas],
+                 "rng": [r["rng"] for r in replicas], "std_in": _stats(tr.std_in), "std_out": _stats(tr.std_out)}
+        tr.last_good = ckpt.save_checkpoint(tr.cfg.output_dir, tr.step, weights, state,
                                             tr.cfg.to_dict(), tr.cfg.keep_checkpoints)
     tr.last_good = tr.pg.gather_objects(tr.last_good)[0]
 
 
 def resume(tr: Trainer, path: str) -> None:
+    par = tr.par
+
     def load_weights(weights: dict):
+        full = whole_dictionary(tr)  # with feature sharding: a full copy to load, then sliced
         try:
-            tr.dictionary.load_weights(weights)
+            full.load_weights(weights)
         except RuntimeError as e:
             raise ckpt.CheckpointError(f"the checkpoint's dictionary does not fit this configuration (different "
                                        f"architecture, layers or n_features?): {e}") from None
+        if par.sharded:
+            load_whole_dictionary_(tr, full)
 
     state = ckpt.load_checkpoint(path, load_weights)
     try:
-        world = state.get("world_size", 1)
-        if world != tr.pg.world:
-            raise ckpt.CheckpointError(f"{path}: written by {world} process(es); resume it with as many "
-                                       f"(this run has {tr.pg.world}), since each one's buffer position is kept")
+        world = state.get("world_size", 1)  # data-parallel replicas, each with its buffer position
+        if world != par.dp:
+            this = f"{par.dp}" + (f" ({tr.pg.world} processes / feature_shards {par.shards})" if par.sharded else "")
+            raise ckpt.CheckpointError(f"{path}: written by {world} data-parallel process(es); resume it with as "
+                                       f"many (this run has {this}), since each one's buffer position is kept; "
+                                       f"feature_shards may differ")
         optimizers = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
         schedulers = state["scheduler"] if isinstance(state["scheduler"], list) else [state["scheduler"]]
         if len(optimizers) != len(tr.optimizers):
             raise ckpt.CheckpointError(f"{path}: written with another optimizer ({len(optimizers)} optimizer "
                                        f"state(s), this configuration has {len(tr.optimizers)})")
         for o, s in zip(tr.optimizers, optimizers):
-            o.load_state_dict(s)
+            load_whole_optimizer_state_(tr, o, s)
         for sch, s in zip(tr.schedulers, schedulers):
             sch.load_state_dict(s)
-        tr.buffer.load_state_dict(state["buffer"][tr.pg.rank])
+        tr.buffer.load_state_dict(state["buffer"][par.dp_rank])
         tr.step, tr.tokens_seen = state["step"], state["tokens"]
         tr.std_in, tr.std_out = _unstats(state["std_in"]), _unstats(state["std_out"])
-        ckpt.set_rng_state(state["rng"][tr.pg.rank])
+        ckpt.set_rng_state(state["rng"][par.dp_rank])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise ckpt.CheckpointError(f"{os.path.join(path, ckpt.TRAINER)}: not a transcoder training state "
                                    f"this run can continue ({type(e).__name__}: {e})") from None
@@ -504,16 +710,19 @@ def resume(tr: Trainer, path: str) -> None:
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sync_state(tr: Trainer, batch_tokens: int) -> None:
-    """Make the state each training forward updates equal on every process: a feature has fired in
-    this step if it fired on any process (each process counted only its own ``batch_tokens``), and the
-    BatchTopK thresholds are averaged."""
-    if not tr.pg.enabled:
+    """Make the state each training forward updates equal on every data-parallel replica: a feature
+    has fired in this step if it fired on any replica (each counted only its own ``batch_tokens``),
+    and the BatchTopK thresholds are averaged. (With feature sharding each process's counters are
+    its slice's, combined with the same slice of the other replicas.)"""
+    dp, group = tr.par.dp, tr.par.dp_group
+    if not tr.pg.enabled or dp == 1:
         return
     for c in tr.dictionary.counters():
-        dist.all_reduce(c, op=dist.ReduceOp.MIN)
-        c[c > 0] += (tr.pg.world - 1) * batch_tokens
+        dist.all_reduce(c, op=dist.ReduceOp.MIN, group=group)
+        c[c > 0] += (dp - 1) * batch_tokens
     for t in tr.dictionary.thresholds():
-        t.copy_(tr.pg.all_mean(t))
+        dist.all_reduce(t, group=group)
+        t /= dp
 
 
 def train_step(tr: Trainer) -> dict:
@@ -529,9 +738,10 @@ def train_step(tr: Trainer) -> dict:
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast):
         total, per_layer = tr.objective(x, y)
     total.backward()
+    average_gradients_over_dp(tr)
     sync_state(tr, b.n)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(tr.dictionary.parameters(), max_norm))
+    grad_norm = clip_gradients(tr, max_norm)
     loss = float(tr.pg.all_mean(total.detach().float()))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         where = f"the last good checkpoint is {tr.last_good}" if tr.last_good else "no checkpoint was written yet"
@@ -546,7 +756,7 @@ def train_step(tr: Trainer) -> dict:
     for o in tr.optimizers:
         o.zero_grad(set_to_none=True)
     tr.step += 1
-    tr.tokens_seen += b.n * tr.pg.world
+    tr.tokens_seen += b.n * tr.par.dp
     return {"step": tr.step, "split": "train", "lr": lr, "loss": loss, "grad_norm": grad_norm,
             "fvu": sum(r["fvu"] for r in per_layer) / len(per_layer), "layers": per_layer,
             "tokens": tr.tokens_seen, "elapsed_s": round(time.time() - tr.t0, 3)}
@@ -577,15 +787,16 @@ class _ReplacementHooks:
     replaced too). With one point for both (a sparse autoencoder) the point's value is replaced by
     its reconstruction."""
 
-    def __init__(self, tr: Trainer, replace=()):
+    def __init__(self, tr: Trainer, replace=(), dictionary: Optional[torch.nn.Module] = None):
         from tckernels.models import find_decoder_layers
 
         self.tr, self.replace = tr, set(replace)
+        self.dictionary = tr.dictionary if dictionary is None else dictionary
         self.decoder = find_decoder_layers(tr.model)
         self.ins, self.outs, self.xs, self.memo = {}, {}, {}, {}
 
     def _estimate(self, j: int, like: torch.Tensor) -> torch.Tensor:
-        y = self.tr.dictionary.replacement(j, self.xs, self.memo)
+        y = self.dictionary.replacement(j, self.xs, self.memo)
         return _unstd(self.tr.std_out[j], y).to(like.dtype)
 
     def _seen(self, j: int, point: str, value: torch.Tensor) -> Optional[torch.Tensor]:
@@ -638,12 +849,14 @@ def _kl_top1(orig: torch.Tensor, new: torch.Tensor) -> tuple:
 
 
 @torch.no_grad()
-def validate(tr: Trainer) -> dict:
+def validate(tr: Trainer, dictionary: Optional[torch.nn.Module] = None) -> dict:
     """Per layer FVU and L0 on the raw held-out activations, the dead fraction (training tokens), and
     the replacement model's KL(original || replaced) and top-1 agreement: every chosen layer replaced,
     and each alone. Batch by batch (``val_batch_size`` rows): nothing of the held-out set's size is
-    kept but per-layer sums."""
-    tr.dictionary.eval()
+    kept but per-layer sums. ``dictionary``: the full one to validate (default ``tr.dictionary``;
+    with feature sharding, ``whole_dictionary(tr)``)."""
+    d = tr.dictionary if dictionary is None else dictionary
+    d.eval()
     n = len(tr.layers)
     dev = tr.pg.device
     err = [0.0] * n
@@ -652,28 +865,28 @@ def validate(tr: Trainer) -> dict:
     n_tok = 0
     for s in range(0, len(tr.val_ids), tr.cfg.val_batch_size):
         ids = tr.val_ids[s:s + tr.cfg.val_batch_size].to(dev)
-        with _ReplacementHooks(tr) as h:
+        with _ReplacementHooks(tr, (), d) as h:
             orig = tr.model(input_ids=ids, use_cache=False).logits.float()
         for j in range(n):
             x, y = h.ins[j].reshape(-1, h.ins[j].shape[-1]), h.outs[j].reshape(-1, h.outs[j].shape[-1]).double()
-            y_hat = _unstd(tr.std_out[j], tr.dictionary.replacement(j, h.xs, h.memo)).double()
+            y_hat = _unstd(tr.std_out[j], d.replacement(j, h.xs, h.memo)).double()
             err[j] += float((y_hat.reshape(y.shape) - y).pow(2).sum())
             s1[j] = s1[j] + y.sum(0)
             s2[j] = s2[j] + y.pow(2).sum(0)
-            codes = tr.dictionary.codes(j, h.xs[j].reshape(-1, h.xs[j].shape[-1]))
+            codes = d.codes(j, h.xs[j].reshape(-1, h.xs[j].shape[-1]))
             if codes is not None:
                 l0_sum[j] += float(M.l0(codes.values)) * x.shape[0]
         n_tok += ids.numel()
-        with _ReplacementHooks(tr, range(n)):
+        with _ReplacementHooks(tr, range(n), d):
             kl, agree = _kl_top1(orig, tr.model(input_ids=ids, use_cache=False).logits.float())
         kl_all, top1_all = kl_all + kl, top1_all + agree
         for j in range(n):
-            with _ReplacementHooks(tr, [j]):
+            with _ReplacementHooks(tr, [j], d):
                 kl, agree = _kl_top1(orig, tr.model(input_ids=ids, use_cache=False).logits.float())
             kl_one[j] += kl
             top1_one[j] += agree
     var = [float((b - a * a / n_tok).sum()) for a, b in zip(s1, s2)]  # Σ over dims of Σ(y - ȳ)²
-    dead = tr.dictionary.dead_fractions()
+    dead = d.dead_fractions()
     out = {"layers": tr.layers, "n_tokens": n_tok, "fvu": [e / max(v, 1e-30) for e, v in zip(err, var)],
            "kl_all": kl_all / n_tok, "top1_all": top1_all / n_tok,
            "kl_each": [x / n_tok for x in kl_one], "top1_each": [x / n_tok for x in top1_one]}
@@ -683,11 +896,14 @@ def validate(tr: Trainer) -> dict:
     return out
 
 
-def validate_and_log(tr: Trainer, when: str) -> Optional[dict]:
-    """Validation on rank 0 (the others wait): its figures, or None on the other processes."""
+def validate_and_log(tr: Trainer, when: str, full: Optional[torch.nn.Module] = None) -> Optional[dict]:
+    """Validation on rank 0 (the others wait): its figures, or None on the other processes. With
+    feature sharding every process first takes part in gathering the full dictionary (or passes
+    ``full``, ``whole_dictionary(tr)``)."""
+    full = whole_dictionary(tr) if full is None else full
     v = None
     if tr.pg.main:
-        v = validate(tr)
+        v = validate(tr, full)
         tr.reporter.log({"step": tr.step, "split": "val", "when": when, **v})
     tr.pg.barrier()
     return v
@@ -738,12 +954,14 @@ def _run(cfg: TranscoderRunConfig, pg: Dist, t_start: float) -> dict:
     return finish(tr, halted, t_start)
 
 
-def save_transcoders(tr: Trainer) -> dict:
+def save_transcoders(tr: Trainer, full: Optional[torch.nn.Module] = None) -> dict:
     """The dictionary with its standardisation folded into the weights (copies; the trained modules
     are left as they are), saved with ``save_transcoder`` to output_dir/transcoders/<name>: one
-    directory per layer (``layer_<i>``), or ``crosslayer`` for a cross-layer transcoder."""
+    directory per layer (``layer_<i>``), or ``crosslayer`` for a cross-layer transcoder. ``full``:
+    the full dictionary (``whole_dictionary(tr)``; default ``tr.dictionary``), so that feature-sharded
+    runs save ordinary transcoders."""
     paths = {}
-    for name, module in tr.dictionary.exported(tr.std_in, tr.std_out).items():
+    for name, module in (tr.dictionary if full is None else full).exported(tr.std_in, tr.std_out).items():
         path = os.path.join(tr.cfg.output_dir, "transcoders", name)
         save_transcoder(module, path)
         paths[name] = path
@@ -765,7 +983,8 @@ def finish(tr: Trainer, halted: bool, t_start: float) -> dict:
     cfg = tr.cfg
     stream = tr.buffer.source
     summary = {"steps": tr.step, "total_steps": cfg.max_steps, "train_seconds": round(time.time() - tr.t0, 1),
-               "tokens": tr.tokens_seen, "processes": tr.pg.world, "dead_after_tokens": cfg.dead_after_tokens,
+               "tokens": tr.tokens_seen, "processes": tr.pg.world,
+               "feature_shards": tr.par.shards, "dead_after_tokens": cfg.dead_after_tokens,
                "checkpoint": tr.last_good}
     if getattr(stream, "seconds", None) is not None:
         summary["activation_seconds"] = round(stream.seconds, 1)  # this process's model forwards
@@ -776,9 +995,10 @@ def finish(tr: Trainer, halted: bool, t_start: float) -> dict:
         summary["halted"] = True
         tr.reporter.close()
         return summary
-    summary["final"] = validate_and_log(tr, "end")
+    full = whole_dictionary(tr)  # collective: before the main process alone goes on
+    summary["final"] = validate_and_log(tr, "end", full)
     if tr.pg.main:
-        summary["transcoders"] = save_transcoders(tr)
+        summary["transcoders"] = save_transcoders(tr, full)
         summary["total_seconds"] = round(time.time() - t_start, 1)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
