@@ -21,6 +21,16 @@ layer alone. At the end the standardisation is folded into the weights and each 
 with ``save_transcoder`` to ``<output_dir>/transcoders/layer_<i>`` (it runs on raw activations), with
 ``summary.json``.
 
+Processes (torchrun): by default every process is a data-parallel replica (DDP). With
+``feature_shards`` F > 1 the WORLD_SIZE processes form a ("dp", "tp") device mesh of WORLD_SIZE / F
+replicas by F feature shards: each dictionary (per-layer or cross-layer, not bilinear) is split over
+the F processes of a tp group (``tckernels.nn.sharded``), which make the same batches; gradients,
+dead-feature counters and BatchTopK thresholds are averaged over dp only, and clipping uses the
+whole dictionary's norm. AdamW runs on each process's slices. Checkpoints hold the gathered full
+weights and optimizer state, in the format a run without feature sharding writes, so a run resumes
+on any feature_shards (with the same number of data-parallel replicas); validation and the saved
+transcoders use the gathered full dictionary.
+
 Shared with the adapter loop (``training/train.py``): the config machinery, checkpoints, the
 output_dir rules, the processes/device handling, the schedule and the metrics file.
 
