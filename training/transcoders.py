@@ -1008,7 +1008,7 @@ def finish(tr: Trainer, halted: bool, t_start: float) -> dict:
     full = whole_dictionary(tr)  # collective: before the main process alone goes on
     summary["final"] = validate_and_log(tr, "end", full)
     if tr.pg.main:
-        summary["transcoders"] = save_transcoders(tr, full)
+        summary["transcoders"] = save_transcoders(tr, full) if tr.par.sharded else save_transcoders(tr)
         summary["total_seconds"] = round(time.time() - t_start, 1)
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
