@@ -125,7 +125,7 @@ def greedy_completions(model, tokenizer, prompts: Sequence[list], max_new_tokens
     return out
 
 
-def _last_assistant(record) -> Optional[str]:
+def last_assistant_text(record) -> Optional[str]:
     msgs = record.get("messages", record.get("conversations")) if isinstance(record, dict) else None
     if isinstance(msgs, list) and msgs:
         m = msgs[-1]
@@ -145,7 +145,7 @@ def sample_generations(objective, tokenizer, records: Sequence, chat_format: str
     ``mean_tokens`` and a few ``examples``."""
     records = [r for r in records if isinstance(r, dict)][:n]
     prompts = [prompt_ids(r, chat_format, tokenizer, where=f"generation record {i}") for i, r in enumerate(records)]
-    answers = [_last_assistant(r) for r in records]
+    answers = [last_assistant_text(r) for r in records]
     adapted, reference = objective.adapted, objective.reference
     results = {}
     for name in ("hybrid", "adapted", "reference"):

@@ -112,3 +112,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """The full embedded default run (``python -m training.train`` with no configuration; minutes),
+    made once for every test that checks what it produces."""
+    from training.train import main
+
+    out = tmp_path_factory.mktemp("default") / "tiny"
+    assert main(["--output_dir", str(out), "--progress_bar", "false"]) == 0
+    return out

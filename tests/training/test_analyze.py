@@ -1,0 +1,43 @@
+"""python -m training.analyze on the embedded default run: every part runs, the report and its
+figures are written, and the numbers agree with the training run's own validation."""
+import json
+import os
+
+import pytest
+
+from training.analyze import main
+
+
+@pytest.mark.slow
+def test_analysis_of_the_default_run(default_run, tmp_path):
+    out = tmp_path / "analysis"
+    assert main([str(default_run), "--out", str(out), "--device", "cpu"]) == 0
+    a = json.load(open(out / "analysis.json"))
+    report = open(out / "report.md").read()
+    for fig in a["figures"]:
+        assert os.path.getsize(out / fig) > 1000 and f"({fig})" in report
+    assert len(a["figures"]) == 5
+
+    final = json.load(open(default_run / "summary.json"))["final"]
+    o = a["output"]
+    assert o["kl"]["adapted"] == pytest.approx(final["kl"], rel=1e-5)
+    assert o["kl"]["hybrid"] == pytest.approx(final["kl_hybrid"], rel=1e-5)
+    assert o["kl"]["reference"] == 0 and o["top1_error"]["reference"] == 0
+    f = a["internal"]
+    assert f["all_layers"] == pytest.approx(o["kl"]["adapted"], rel=1e-5)  # the hybrid backbone shares the head
+    assert f["nmse"]["adapted"] == pytest.approx(final["nmse_layers"], rel=1e-4)
+
+    t = a["tasks"]["models"]
+    assert t["reference"]["hesitation_rate"] == 1.0 and t["hybrid"]["hesitation_rate"] == 0.0
+    assert t["adapted"]["hesitation_rate"] >= 0.97
+    assert a["tasks"]["length_ratio"] == pytest.approx(1.0, abs=0.05)  # adapted matches the reference's length
+
+    feats = a["features"]["per_layer"]
+    assert [feats[str(i)]["l0"] for i in range(4)] == pytest.approx(final["l0_layers"], rel=1e-4)
+
+    h = a["hesitation"]
+    s, c = h["set"], h["causal"]
+    assert s["reached"] and s["share"] <= 0.05
+    assert c["hesitation_removed"] >= 0.9  # on prompts the set was not chosen on
+    assert c["random_ablated"]["hesitation_rate"] >= 0.9 * c["adapted"]["hesitation_rate"]  # the control
+    assert "## Hesitation" in report and "Causal tests" in report

@@ -1,0 +1,126 @@
+"""training/diffing/tasks.py and hesitation.py on the micro pair: answers, hesitation positions, the
+attribution against finite differences, and the set search."""
+import os
+import types
+
+import pytest
+import torch
+
+from tckernels.models import ablate_features, adapter_modules, build_hybrid
+from tests.training.conftest import make_pair, write_data
+from training.config import Config
+from training.data import load_records, prepare_examples
+from training.diffing import hesitation as H
+from training.diffing import tasks
+from training.diffing.run import Run
+from training.tokenizer import CharTokenizer
+
+
+def test_final_answer_forms():
+    assert tasks.final_answer("3+2+1=6. Wait, check: 632-285=347. Yes. Answer: 632.") == "632"
+    assert tasks.final_answer("so the result is \\boxed{\\frac{1}{2}} indeed") == "\\frac{1}{2}"
+    assert tasks.final_answer("we get 12 then 14") == "14"
+    assert tasks.final_answer("no digits here") is None and tasks.final_answer(None) is None
+
+
+def test_gain_recovered():
+    assert tasks.gain_recovered(0.2, 0.5, 0.8) == pytest.approx(0.5)
+    assert tasks.gain_recovered(1.0, 0.9, 1.0) is None  # no gain to recover
+    assert tasks.gain_recovered(None, 0.9, 1.0) is None
+
+
+class PairTokenizer:
+    """Decodes two-character tokens: a token boundary never falls where a character one does."""
+
+    def decode(self, ids):
+        return "".join(["ab", " W", "ai", "t,", "xx"][i] for i in ids)
+
+
+def test_hesitation_position_char_and_merged_tokens():
+    tok = CharTokenizer()
+    ids = tok.encode("6. Wait, check")
+    assert tasks.hesitation_position(tok, ids, "Wait") == 3  # "6", ".", " ", "W"
+    assert tasks.hesitation_position(tok, tok.encode("6. Answer"), "Wait") is None
+    # " W" holds the word's first character: that token, even though it starts with a space
+    assert tasks.hesitation_position(PairTokenizer(), [0, 1, 2, 3, 4], "Wait") == 1
+    assert H._word_tokens(PairTokenizer(), [0, 1, 2, 3, 4], 1, "Wait") == 3
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hes")
+    paths = make_pair(str(root), layers=2)
+    val = write_data(os.path.join(root, "val.jsonl"), 6, seed=2)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
+    ref = AutoModelForCausalLM.from_pretrained(paths["reference"]).eval()
+    adapted = build_hybrid(AutoModelForCausalLM.from_pretrained(paths["reference"]), base, 16, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in adapter_modules(adapted).values():
+            m.transcoder.W_dec.copy_(torch.randn(m.transcoder.W_dec.shape, generator=g))
+    for m in (base, ref, adapted):
+        for p in m.parameters():
+            p.requires_grad_(False)
+    tok = CharTokenizer()
+    cfg = Config(base_model=paths["base"], reference_model=paths["reference"], train_data=val, val_data=val,
+                 output_dir=str(root / "out"), n_features=16)
+    records = load_records(val)
+    ex = prepare_examples(records, tokenizer=tok, fmt=cfg.chat_format, loss_on_prompt=True, max_seq_len=256)
+    return Run(str(root), cfg, adapted, ref, base, tok, ex, records, torch.device("cpu"))
+
+
+def test_attribution_is_gradient_times_activation(run):
+    """The score of a feature equals d target / d(scale of that feature) at scale 1: scaling f_i by
+    (1 + e) changes the word's log-probability by e * f_i * d/df_i, summed over positions."""
+    tok = run.tokenizer
+    prompt = tok.encode("<｜begin▁of▁sentence｜><｜User｜>12+34<｜Assistant｜>")
+    comp = tok.encode("2+4=6. Wait, check")
+    out = H.attribute(run, [prompt], [comp], "Wait")
+    assert out["n_sequences"] == 1
+    scores = out["scores"]
+    layer, feat = max(((i, int(t.abs().argmax())) for i, t in scores.items()), key=lambda x: abs(scores[x[0]][x[1]]))
+    assert abs(float(scores[layer][feat])) > 0
+    pos = tasks.hesitation_position(tok, comp, "Wait")
+    ids = torch.tensor([prompt + comp[:pos + 4]])
+    from tckernels.models import scale_features
+
+    def target(factor):
+        with scale_features(run.adapted, {layer: [feat]}, factor), torch.no_grad():
+            return float(H._word_log_prob(run.adapted, ids, len(prompt) + pos - 1, comp[pos:pos + 4]))
+
+    e = 1e-3
+    fd = (target(1 + e) - target(1 - e)) / (2 * e)
+    assert fd == pytest.approx(float(scores[layer][feat]), rel=2e-2, abs=1e-4)
+    # a completion without the word adds nothing
+    assert H.attribute(run, [prompt], [tok.encode("2+4=6. Answer")], "Wait")["n_sequences"] == 0
+
+
+def test_ranking_sets_and_complement(run):
+    scores = {0: torch.tensor([0.5, -1.0, 2.0] + [0.0] * 13, dtype=torch.float64),
+              1: torch.tensor([1.0] + [0.0] * 15, dtype=torch.float64)}
+    r = H.ranking(scores)
+    assert [(i, f) for i, f, _ in r] == [(0, 2), (1, 0), (0, 0)]  # positive only, highest first
+    chosen = H.as_layers(r[:2])
+    assert chosen == {0: [2], 1: [0]}
+    comp = H.complement(run, {0: [2]})
+    assert comp[1] == "all" and 2 not in comp[0] and len(comp[0]) == 15
+
+
+def test_smallest_set_bisects_to_the_first_size_that_reaches_the_goal(run, monkeypatch):
+    calls = []
+
+    def fake(run_, features, prompts, answers, word, max_new_tokens, batch_size):
+        size = sum(len(v) for v in features.values())
+        calls.append(size)
+        return {"hesitation_rate": 1.0 if size < 7 else 0.05}
+
+    monkeypatch.setattr(H, "_ablated", fake)
+    ranked = [(i % 2, i // 2, 1.0) for i in range(32)]
+    out = H.smallest_set(run, ranked, [], [], "Wait", 1.0, 10, max_share=1.0, target_removal=0.9)
+    grid = H._size_grid(32, 1.0)
+    assert out["reached"] and out["size"] == min(s for s in grid if s >= 7)
+    assert len(calls) <= len(grid).bit_length() + 1  # bisection, not every size
+    out = H.smallest_set(run, ranked, [], [], "Wait", 1.0, 10, max_share=5 / 32, target_removal=0.9)
+    assert not out["reached"] and out["size"] == 5

@@ -1,0 +1,211 @@
+"""The hesitation experiment: which adapter features make the adapted model write the hesitation
+word ("Wait"), and whether they are necessary and sufficient for it.
+
+1. Attribution: for each held-out completion of the adapted model that hesitates, the
+   log-probability of the hesitation word (its tokens as written, teacher-forced) is attributed to
+   the adapter features active at the positions that predict it and every earlier one, by
+   gradient x activation
+   (``f_i * d logit / d f_i``, the features' recorded activations kept differentiable through
+   ``record_features(grad=True)``). Sums over positions and completions give a score per
+   (layer, feature); only ``[tokens, k]`` activations and ``[n_features]`` sums are ever made, and
+   the head runs on the one predicting position, so no ``[tokens, vocab]`` or ``[tokens, features]``
+   tensor exists.
+2. The smallest set: features ranked by positive attribution; the smallest prefix (searched on a
+   grid of sizes up to ``max_share`` of all adapter features) whose ablation removes at least
+   ``target_removal`` of the adapted model's hesitations on the selection prompts.
+3. The causal tests, on other prompts than 1 and 2 used: ablating the set in the adapted model
+   (hesitation rate, response length, accuracy), ablating a random set of the same size (the control),
+   and adding the set to the hybrid (the adapted model with every other feature ablated), at the
+   set's own activations and amplified by ``add_factors``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from tckernels.models import ablate_features, adapter_modules, record_features, scale_features
+from training.diffing import tasks
+
+
+def _word_log_prob(model, ids: torch.Tensor, start: int, word: Sequence[int]) -> torch.Tensor:
+    """``log p(word | ids[:, :start + 1])``: the log-probability of the tokens ``word`` that follow
+    position ``start`` of ``ids`` [1, T] (teacher-forced), differentiable in the input embeddings (so
+    the recorded feature activations are too). The head runs on the ``len(word)`` predicting
+    positions only."""
+    inner = model.model
+    emb = inner.embed_tokens(ids).detach().requires_grad_(True)
+    out = inner(inputs_embeds=emb, attention_mask=torch.ones_like(ids), use_cache=False)
+    h = out.last_hidden_state[0, start:start + len(word)]
+    logp = torch.log_softmax(model.get_output_embeddings()(h).float(), -1)
+    return logp[torch.arange(len(word), device=ids.device), torch.tensor(word, device=ids.device)].sum()
+
+
+def attribute(run, prompts: Sequence[list], completions: Sequence[list], word: str,
+              max_sequences: Optional[int] = None) -> dict:
+    """Gradient x activation of the hesitation word's log-probability, per layer and feature, summed
+    over the completions (of the adapted model, on ``prompts``) that contain ``word``. Returns
+    ``{"scores": {layer: [F] float tensor}, "n_sequences", "predicting_share"}`` (the share of
+    the absolute attribution at the positions that predict the word's tokens)."""
+    model = run.adapted
+    mods = adapter_modules(model)
+    scores = {i: torch.zeros(m.n_features, dtype=torch.float64) for i, m in mods.items()}
+    n, at_last, total_abs = 0, 0.0, 0.0
+    for prompt, comp in zip(prompts, completions):
+        if max_sequences is not None and n >= max_sequences:
+            break
+        pos = tasks.hesitation_position(run.tokenizer, comp, word)
+        if pos is None:
+            continue
+        # the word's tokens as this completion wrote them (a BPE tokenizer may merge a leading space)
+        n_word = _word_tokens(run.tokenizer, comp, pos, word)
+        ids = torch.tensor([list(prompt) + list(comp[:pos + n_word])], device=run.device)
+        start = len(prompt) + pos - 1  # the position that predicts the word's first token
+        end = start + n_word  # positions < end take part
+        with torch.enable_grad(), record_features(model, grad=True) as rec:
+            target = _word_log_prob(model, ids, start, list(comp[pos:pos + n_word]))
+            acts = {i: rec.tokens(i) for i in mods}
+            grads = torch.autograd.grad(target, [a.values for a in acts.values()], allow_unused=True)
+        for (i, a), g in zip(acts.items(), grads):
+            if g is None:
+                continue
+            contrib = (a.values.detach() * g)[0, :end].double().cpu()  # [positions, w]
+            idx = a.indices[0, :end].cpu()
+            scores[i].index_add_(0, idx.reshape(-1), contrib.reshape(-1))
+            total_abs += contrib.abs().sum().item()
+            at_last += contrib[start:].abs().sum().item()
+        n += 1
+    return {"scores": scores, "n_sequences": n, "predicting_share": at_last / total_abs if total_abs else None}
+
+
+def _word_tokens(tokenizer, comp: Sequence[int], pos: int, word: str) -> int:
+    """How many tokens from ``pos`` on it takes for the completion to contain ``word``."""
+    for n in range(1, len(comp) - pos + 1):
+        if word in tokenizer.decode(list(comp[:pos + n])):
+            return n
+    return len(comp) - pos
+
+
+def ranking(scores: Dict[int, torch.Tensor]) -> List[tuple]:
+    """``[(layer, feature, score)]`` of the features with positive attribution, highest first."""
+    items = [(i, f, float(s)) for i, t in scores.items() for f, s in enumerate(t.tolist()) if s > 0]
+    return sorted(items, key=lambda x: (-x[2], x[0], x[1]))
+
+
+def as_layers(features: Sequence[tuple]) -> Dict[int, List[int]]:
+    """``{layer: [features]}`` of ``(layer, feature, ...)`` tuples."""
+    out: Dict[int, List[int]] = {}
+    for item in features:
+        out.setdefault(item[0], []).append(item[1])
+    return {i: sorted(fs) for i, fs in sorted(out.items())}
+
+
+def complement(run, chosen: Dict[int, List[int]]) -> Dict[int, object]:
+    """Every adapter feature not in ``chosen``, per layer (``"all"`` for a layer with none chosen)."""
+    out = {}
+    for i, m in adapter_modules(run.adapted).items():
+        keep = set(chosen.get(i, ()))
+        out[i] = [f for f in range(m.n_features) if f not in keep] if keep else "all"
+    return {i: fs for i, fs in out.items() if fs == "all" or fs}
+
+
+def _ablated(run, features: Dict[int, object], prompts, answers, word, max_new_tokens, batch_size) -> dict:
+    if not features:
+        comps = tasks.complete(run, "adapted", prompts, max_new_tokens, batch_size)
+    else:
+        with ablate_features(run.adapted, features):
+            comps = tasks.complete(run, "adapted", prompts, max_new_tokens, batch_size)
+    return tasks.score(run, comps, answers, word)
+
+
+def _size_grid(total: int, max_share: float) -> List[int]:
+    top = max(1, int(max_share * total))
+    sizes, s = [], 1
+    while s < top:
+        sizes.append(s)
+        s = max(s + 1, int(round(s * 1.5)))
+    return sizes + [top]
+
+
+def smallest_set(run, ranked: Sequence[tuple], prompts, answers, word: str, rate_before: float,
+                 max_new_tokens: int, max_share: float = 0.05, target_removal: float = 0.9,
+                 batch_size: int = 32) -> dict:
+    """The smallest prefix of ``ranked`` (on a grid of sizes up to ``max_share`` of every adapter
+    feature) whose ablation brings the hesitation rate on ``prompts`` to at most
+    ``(1 - target_removal) * rate_before``; bisection over the grid (removal grows with the set)."""
+    total = sum(m.n_features for m in adapter_modules(run.adapted).values())
+    grid = [s for s in _size_grid(total, max_share) if s <= len(ranked)] or ([len(ranked)] if ranked else [])
+    goal = (1 - target_removal) * rate_before
+    tried = {}
+
+    def rate(size: int) -> float:
+        if size not in tried:
+            tried[size] = _ablated(run, as_layers(ranked[:size]), prompts, answers, word, max_new_tokens,
+                                   batch_size)["hesitation_rate"]
+        return tried[size]
+
+    lo, hi, found = 0, len(grid) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if rate(grid[mid]) <= goal:
+            found, hi = grid[mid], mid - 1
+        else:
+            lo = mid + 1
+    size = found if found is not None else (grid[-1] if grid else 0)
+    return {"size": size, "share": size / total if total else None, "reached": found is not None,
+            "goal_rate": goal, "rate_before": rate_before,
+            "tried": [{"size": s, "hesitation_rate": r} for s, r in sorted(tried.items())],
+            "features": as_layers(ranked[:size])}
+
+
+def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], word: str, max_new_tokens: int,
+                          max_share: float = 0.05, target_removal: float = 0.9, batch_size: int = 32,
+                          max_attribution_sequences: Optional[int] = None, seed: int = 0,
+                          add_factors: Sequence[float] = (1.0, 2.0, 4.0)) -> dict:
+    """Attribution and the smallest set on the first half of ``records``, the causal tests on the
+    second half. ``completions``: the task evaluation's completions of ``records`` per model."""
+    prompts, answers = tasks.prompts_and_answers(run, records)
+    half = len(records) // 2
+    if half < 1:
+        raise ValueError(f"the hesitation experiment needs at least 2 held-out prompts, got {len(records)}")
+    sel, test = slice(0, half), slice(half, len(records))
+    adapted_sel = completions["adapted"][sel]
+    attr = attribute(run, prompts[sel], adapted_sel, word, max_attribution_sequences)
+    ranked = ranking(attr["scores"])
+    total = sum(m.n_features for m in adapter_modules(run.adapted).values())
+    out = {"n_selection": half, "n_test": len(records) - half, "n_features_total": total,
+           "attributed_sequences": attr["n_sequences"], "predicting_share": attr["predicting_share"],
+           "top_features": [{"layer": i, "feature": f, "score": s} for i, f, s in ranked[:20]]}
+    if not ranked:
+        out["note"] = f"no adapted completion of the selection prompts writes {word!r}: nothing to attribute"
+        return out
+    rate_sel = tasks.score(run, adapted_sel, answers[sel], word)["hesitation_rate"]
+    chosen = smallest_set(run, ranked, prompts[sel], answers[sel], word, rate_sel, max_new_tokens, max_share,
+                          target_removal, batch_size)
+    out["set"] = chosen
+    feats = chosen["features"]
+
+    tp, ta = prompts[test], answers[test]
+    adapted_test = tasks.score(run, completions["adapted"][test], ta, word)
+    hybrid_test = tasks.score(run, completions["hybrid"][test], ta, word)
+    ablated = _ablated(run, feats, tp, ta, word, max_new_tokens, batch_size)
+    every = [(i, f) for i, m in adapter_modules(run.adapted).items() for f in range(m.n_features)]
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:chosen["size"]].tolist()
+    control = _ablated(run, as_layers([every[j] for j in order]), tp, ta, word, max_new_tokens, batch_size)
+    added = {}
+    for factor in add_factors:  # the set alone on the hybrid, at its own activations and amplified
+        with ablate_features(run.adapted, complement(run, feats)), scale_features(run.adapted, feats, factor):
+            added[str(factor)] = tasks.score(run, tasks.complete(run, "adapted", tp, max_new_tokens, batch_size),
+                                             ta, word)
+    removed = (1 - ablated["hesitation_rate"] / adapted_test["hesitation_rate"]
+               if adapted_test["hesitation_rate"] else None)
+    out["causal"] = {
+        "adapted": adapted_test, "ablated": ablated, "random_ablated": control,
+        "hybrid": hybrid_test, "hybrid_plus_set": added,
+        "induced": max(a["hesitation_rate"] for a in added.values()) if added else None,
+        "hesitation_removed": removed,
+        "accuracy_change": (None if None in (ablated["accuracy"], adapted_test["accuracy"])
+                            else ablated["accuracy"] - adapted_test["accuracy"]),
+        "length_change": ablated["mean_tokens"] - adapted_test["mean_tokens"],
+    }
+    return out
