@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hesitation_word", default=None, help="default: the run's hesitation_word")
     p.add_argument("--max_share", type=float, default=0.05, help="largest feature set tried, as a share of all")
     p.add_argument("--target_removal", type=float, default=0.9, help="share of hesitations the set must remove")
+    p.add_argument("--examples_kept", type=int, default=64,
+                   help="features per layer whose top examples analysis.json keeps (the most frequent)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -122,8 +124,21 @@ def analyze(args: argparse.Namespace) -> dict:
         step("hesitation", lambda: hesitation.hesitation_experiment(
             run, records, completions, word, max_new, args.max_share, args.target_removal,
             args.generation_batch_size, seed=args.seed))
+    if "features" in results:
+        _keep_examples(results, args.examples_kept)
     results["seconds"] = round(time.time() - t0, 1)
     return results
+
+
+def _keep_examples(results: dict, n: int) -> None:
+    """Keep the top-activating examples of the ``n`` most frequent features per layer and of the
+    hesitation set only: for every feature of a large model they would be hundreds of MB of JSON."""
+    chosen = results.get("hesitation", {}).get("set", {}).get("features", {})
+    for layer, st in results["features"]["per_layer"].items():
+        counts = st["fire_counts"]
+        keep = set(sorted(range(len(counts)), key=lambda f: -counts[f])[:n])
+        keep |= set(chosen.get(int(layer), chosen.get(layer, [])))
+        st["top_examples"] = {f: v for f, v in st["top_examples"].items() if int(f) in keep}
 
 
 def main(argv=None) -> int:
