@@ -145,14 +145,23 @@ deps() {
   local NEEDS=("pybind11 pybind11" "cmd:cmake cmake" "cmd:ninja ninja" "xdist pytest-xdist" "execnet execnet"
                "pytest_benchmark pytest-benchmark" "hypothesis hypothesis"
                "sparsify eai-sparsify natsort simple-parsing docstring-parser schedulefree datasets dill multiprocess")
-  local missing=() entry what
+  local missing=() entry what modules=() absent
   for entry in "${NEEDS[@]}"; do
     what=${entry%% *}
     case "$what" in
-      cmd:*) command -v "${what#cmd:}" >/dev/null && continue ;;
-      *) "$PY" -c "import $what" 2>/dev/null && continue ;;
+      cmd:*) command -v "${what#cmd:}" >/dev/null || missing+=(${entry#* }) ;;
+      *) modules+=("$what") ;;
     esac
-    missing+=(${entry#* })
+  done
+  # one interpreter checks every module (each import of a torch package costs seconds)
+  absent=$("$PY" - "${modules[@]}" <<'PYEOF'
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+PYEOF
+)
+  for entry in "${NEEDS[@]}"; do
+    what=${entry%% *}
+    [[ " $absent " == *" $what "* ]] && missing+=(${entry#* })
   done
   if [ ${#missing[@]} -eq 0 ]; then echo "nothing missing"; return 0; fi
   echo "missing: ${missing[*]}"
