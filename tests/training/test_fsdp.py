@@ -50,11 +50,14 @@ def final_adapters(out):
     return {n: p.detach() for n, p in model.named_parameters() if id(p) in names}, model
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_sharded_processes_match_one(micro, tmp_path, nproc):
+@pytest.mark.parametrize("nproc,checkpointing", [(2, True), (4, False)])
+def test_sharded_processes_match_one(micro, tmp_path, nproc, checkpointing):
+    """With activation checkpointing on 2 processes (each layer recomputed, and gathered again, in
+    backward), without on 4."""
     steps = 3
     sharded = tmp_path / "sharded"
-    proc = torchrun(nproc, micro_args(micro, sharded, max_steps=steps, fsdp=True, micro_batch_size=1, **COMMON))
+    proc = torchrun(nproc, micro_args(micro, sharded, max_steps=steps, fsdp=True, micro_batch_size=1,
+                                      gradient_checkpointing=checkpointing, **COMMON))
     assert f"fully sharded over {nproc} processes" in proc.stdout
     assert proc.stdout.count("== transcoder adapters: result ==") == 1
     one = tmp_path / "one"
