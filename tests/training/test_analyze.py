@@ -40,4 +40,6 @@ def test_analysis_of_the_default_run(default_run, tmp_path):
     assert s["reached"] and s["share"] <= 0.05
     assert c["hesitation_removed"] >= 0.9  # on prompts the set was not chosen on
     assert c["random_ablated"]["hesitation_rate"] >= 0.9 * c["adapted"]["hesitation_rate"]  # the control
+    # patched into the hybrid, enough of the ranking makes it hesitate where it never does alone
+    assert c["hybrid_plus_sufficient_set"]["hesitation_rate"] > c["hybrid"]["hesitation_rate"] == 0
     assert "## Hesitation" in report and "Causal tests" in report

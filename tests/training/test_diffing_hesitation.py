@@ -124,3 +124,23 @@ def test_smallest_set_bisects_to_the_first_size_that_reaches_the_goal(run, monke
     assert len(calls) <= len(grid).bit_length() + 1  # bisection, not every size
     out = H.smallest_set(run, ranked, [], [], "Wait", 1.0, 10, max_share=5 / 32, target_removal=0.9)
     assert not out["reached"] and out["size"] == 5
+
+
+def test_patching_every_feature_is_the_adapted_model_and_none_the_hybrid(run):
+    prompts, _ = tasks.prompts_and_answers(run, run.val_records[:4])
+    every = {i: list(range(m.n_features)) for i, m in adapter_modules(run.adapted).items()}
+    assert H.patched_completions(run, every, prompts, 12, batch_size=3) == tasks.complete(run, "adapted", prompts, 12)
+    assert H.patched_completions(run, {}, prompts, 12, batch_size=3) == tasks.complete(run, "hybrid", prompts, 12)
+    # one layer's features patched: not the adapted model (the other adapters are off)
+    one = H.patched_completions(run, {0: every[0]}, prompts, 12, batch_size=3)
+    with ablate_features(run.adapted, {1: "all"}):
+        assert one == tasks.complete(run, "adapted", prompts, 12)
+
+
+def test_set_values_picks_the_chosen_features():
+    from tckernels.nn.activations import SparseActivations
+
+    acts = SparseActivations(torch.tensor([[[1.0, 2.0, 3.0]]]), torch.tensor([[[4, 0, 7]]]))
+    slot = torch.full((8,), 2, dtype=torch.long)
+    slot[7], slot[4] = 0, 1  # chosen: features 7 and 4, in that order
+    assert H._set_values(acts, slot, 2).tolist() == [[[3.0, 1.0]]]

@@ -13,10 +13,13 @@ word ("Wait"), and whether they are necessary and sufficient for it.
 2. The smallest set: features ranked by positive attribution; the smallest prefix (searched on a
    grid of sizes up to ``max_share`` of all adapter features) whose ablation removes at least
    ``target_removal`` of the adapted model's hesitations on the selection prompts.
+   And the sufficient set: the smallest prefix of the same ranking that, patched into the hybrid,
+   makes it hesitate at least half as often as the adapted model (searched over every size).
 3. The causal tests, on other prompts than 1 and 2 used: ablating the set in the adapted model
    (hesitation rate, response length, accuracy), ablating a random set of the same size (the control),
-   and adding the set to the hybrid (the adapted model with every other feature ablated), at the
-   set's own activations and amplified by ``add_factors``.
+   and adding the set to the hybrid: patched in at the values the adapted model gives it on the
+   same tokens (:func:`patched_completions`), and, for comparison, encoded from the hybrid's own
+   stream (the adapted model with every other feature ablated).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from tckernels.models import ablate_features, adapter_modules, record_features, scale_features
+from tckernels.models import ablate_features, adapter_modules, record_features
+from tckernels.nn.activations import SparseActivations
 from training.diffing import tasks
 
 
@@ -118,6 +122,102 @@ def _ablated(run, features: Dict[int, object], prompts, answers, word, max_new_t
     return tasks.score(run, comps, answers, word)
 
 
+def _cache_argument() -> str:
+    """The KV-cache argument's name: ``cache`` in recent transformers 5 releases (which deprecate
+    ``past_key_values``), ``past_key_values`` before."""
+    import inspect
+
+    from transformers import Qwen2ForCausalLM
+
+    return "cache" if "cache" in inspect.signature(Qwen2ForCausalLM.forward).parameters else "past_key_values"
+
+
+_CACHE = _cache_argument()
+
+
+class _Patched:
+    """A ``feature_edit`` that replaces a layer's activations by given values of chosen features
+    (``values [B, T, n]``, set before each forward) and drops every other feature."""
+
+    def __init__(self, features: torch.Tensor):
+        self.features = features
+        self.values: Optional[torch.Tensor] = None
+
+    def __call__(self, acts, W_dec):
+        v = self.values.to(acts.values.dtype)
+        return SparseActivations(v, self.features.expand(v.shape)), None
+
+
+def _set_values(acts, slot: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, T, n]``: the values of the n chosen features in sparse ``acts``; ``slot [F]`` maps a
+    feature to its place among them (n for every other feature, a column then dropped)."""
+    out = acts.values.new_zeros(*acts.values.shape[:-1], n + 1)
+    out.scatter_add_(-1, slot[acts.indices], acts.values)
+    return out[..., :n]
+
+
+@torch.no_grad()
+def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[list], max_new_tokens: int,
+                        batch_size: int = 32) -> list:
+    """Greedy completions by the hybrid with the chosen features patched in: at every step the
+    adapted model runs on the same tokens (its own KV cache), and the hybrid (adapters off) gets
+    those features, and only those, at the values the adapted model gives them there. Two cached
+    forwards per new token; the sufficiency test of the set."""
+    model, tok = run.adapted, run.tokenizer
+    mods = adapter_modules(model)
+    layers = sorted(features)
+    chosen = {i: torch.tensor(features[i], device=run.device) for i in layers}
+    slots = {}
+    for i in layers:
+        slot = torch.full((mods[i].n_features,), len(features[i]), dtype=torch.long, device=run.device)
+        slot[chosen[i]] = torch.arange(len(features[i]), device=run.device)
+        slots[i] = slot
+    patches = {i: _Patched(chosen[i]) for i in layers}
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        ps = prompts[s:s + batch_size]
+        T = max(len(p) for p in ps)
+        ids = torch.full((len(ps), T), pad, dtype=torch.long)
+        attn = torch.zeros(len(ps), T, dtype=torch.long)
+        for j, p in enumerate(ps):
+            ids[j, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            attn[j, T - len(p):] = 1
+        ids, attn = ids.to(run.device), attn.to(run.device)
+        pos = (attn.cumsum(-1) - 1).clamp_min(0)
+        cache_a = cache_h = None
+        new, done = [], torch.zeros(len(ps), dtype=torch.bool, device=run.device)
+        for _ in range(max_new_tokens):
+            with record_features(model, layers=layers) as rec:
+                oa = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{_CACHE: cache_a}, use_cache=True)
+            cache_a = getattr(oa, _CACHE, None) or oa.past_key_values
+            for i in layers:
+                patches[i].values = _set_values(rec.tokens(i), slots[i], len(features[i]))
+            saved = {i: (m.enabled, m.feature_edit) for i, m in mods.items()}
+            try:
+                for i, m in mods.items():
+                    m.enabled = i in patches
+                    if i in patches:
+                        m.feature_edit = patches[i]
+                oh = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{_CACHE: cache_h}, use_cache=True)
+            finally:
+                for i, m in mods.items():
+                    m.enabled, m.feature_edit = saved[i]
+            cache_h = getattr(oh, _CACHE, None) or oh.past_key_values
+            nxt = oh.logits[:, -1].argmax(-1).masked_fill(done, pad)
+            new.append(nxt)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            ids = nxt[:, None]
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+            pos = pos[:, -1:] + 1
+        rows = torch.stack(new, 1).tolist() if new else [[] for _ in ps]
+        for row in rows:
+            out.append(row[:row.index(eos)] if eos in row else row)
+    return out
+
+
 def _size_grid(total: int, max_share: float) -> List[int]:
     top = max(1, int(max_share * total))
     sizes, s = [], 1
@@ -127,41 +227,77 @@ def _size_grid(total: int, max_share: float) -> List[int]:
     return sizes + [top]
 
 
-def smallest_set(run, ranked: Sequence[tuple], prompts, answers, word: str, rate_before: float,
-                 max_new_tokens: int, max_share: float = 0.05, target_removal: float = 0.9,
-                 batch_size: int = 32) -> dict:
-    """The smallest prefix of ``ranked`` (on a grid of sizes up to ``max_share`` of every adapter
-    feature) whose ablation brings the hesitation rate on ``prompts`` to at most
-    ``(1 - target_removal) * rate_before``; bisection over the grid (removal grows with the set)."""
-    total = sum(m.n_features for m in adapter_modules(run.adapted).values())
-    grid = [s for s in _size_grid(total, max_share) if s <= len(ranked)] or ([len(ranked)] if ranked else [])
-    goal = (1 - target_removal) * rate_before
+def _smallest_prefix(ranked: Sequence[tuple], grid: List[int], rate, ok) -> tuple:
+    """(the smallest size of ``grid`` whose prefix of ``ranked`` satisfies ``ok(rate(size))`` or
+    None, ``{size: rate}`` tried); bisection: the rates are taken to change monotonically with size."""
     tried = {}
-
-    def rate(size: int) -> float:
-        if size not in tried:
-            tried[size] = _ablated(run, as_layers(ranked[:size]), prompts, answers, word, max_new_tokens,
-                                   batch_size)["hesitation_rate"]
-        return tried[size]
-
     lo, hi, found = 0, len(grid) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
-        if rate(grid[mid]) <= goal:
-            found, hi = grid[mid], mid - 1
+        size = grid[mid]
+        if size not in tried:
+            tried[size] = rate(size)
+        if ok(tried[size]):
+            found, hi = size, mid - 1
         else:
             lo = mid + 1
+    return found, tried
+
+
+def _set_result(ranked, grid, found, tried, total, goal, rate_before) -> dict:
     size = found if found is not None else (grid[-1] if grid else 0)
     return {"size": size, "share": size / total if total else None, "reached": found is not None,
             "goal_rate": goal, "rate_before": rate_before,
-            "tried": [{"size": s, "hesitation_rate": r} for s, r in sorted(tried.items())],
+            "tried": [{"size": k, "hesitation_rate": r} for k, r in sorted(tried.items())],
             "features": as_layers(ranked[:size])}
+
+
+def _grid(run, ranked, max_share: float) -> tuple:
+    """(every adapter feature, the sizes tried: the grid up to ``max_share`` of them, ending at the
+    whole ranking when that is smaller)."""
+    total = sum(m.n_features for m in adapter_modules(run.adapted).values())
+    sizes = _size_grid(total, max_share)
+    grid = [s for s in sizes if s < len(ranked)] + ([min(len(ranked), sizes[-1])] if ranked else [])
+    return total, grid
+
+
+def smallest_set(run, ranked: Sequence[tuple], prompts, answers, word: str, rate_before: float,
+                 max_new_tokens: int, max_share: float = 0.05, target_removal: float = 0.9,
+                 batch_size: int = 32) -> dict:
+    """Necessity: the smallest prefix of ``ranked`` (on a grid of sizes up to ``max_share`` of every
+    adapter feature) whose ablation brings the hesitation rate on ``prompts`` to at most
+    ``(1 - target_removal) * rate_before``."""
+    total, grid = _grid(run, ranked, max_share)
+    goal = (1 - target_removal) * rate_before
+
+    def rate(size):
+        return _ablated(run, as_layers(ranked[:size]), prompts, answers, word, max_new_tokens,
+                        batch_size)["hesitation_rate"]
+
+    found, tried = _smallest_prefix(ranked, grid, rate, lambda r: r <= goal)
+    return _set_result(ranked, grid, found, tried, total, goal, rate_before)
+
+
+def sufficient_set(run, ranked: Sequence[tuple], prompts, answers, word: str, rate_before: float,
+                   max_new_tokens: int, max_share: float = 1.0, target_induced: float = 0.5,
+                   batch_size: int = 32) -> dict:
+    """Sufficiency: the smallest prefix of ``ranked`` that, patched into the hybrid
+    (:func:`patched_completions`), makes it hesitate on at least ``target_induced * rate_before``
+    of ``prompts``."""
+    total, grid = _grid(run, ranked, max_share)
+    goal = target_induced * rate_before
+
+    def rate(size):
+        comps = patched_completions(run, as_layers(ranked[:size]), prompts, max_new_tokens, batch_size)
+        return tasks.score(run, comps, answers, word)["hesitation_rate"]
+
+    found, tried = _smallest_prefix(ranked, grid, rate, lambda r: r >= goal)
+    return _set_result(ranked, grid, found, tried, total, goal, rate_before)
 
 
 def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], word: str, max_new_tokens: int,
                           max_share: float = 0.05, target_removal: float = 0.9, batch_size: int = 32,
-                          max_attribution_sequences: Optional[int] = None, seed: int = 0,
-                          add_factors: Sequence[float] = (1.0, 2.0, 4.0)) -> dict:
+                          max_attribution_sequences: Optional[int] = None, seed: int = 0) -> dict:
     """Attribution and the smallest set on the first half of ``records``, the causal tests on the
     second half. ``completions``: the task evaluation's completions of ``records`` per model."""
     prompts, answers = tasks.prompts_and_answers(run, records)
@@ -192,17 +328,21 @@ def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], 
     every = [(i, f) for i, m in adapter_modules(run.adapted).items() for f in range(m.n_features)]
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:chosen["size"]].tolist()
     control = _ablated(run, as_layers([every[j] for j in order]), tp, ta, word, max_new_tokens, batch_size)
-    added = {}
-    for factor in add_factors:  # the set alone on the hybrid, at its own activations and amplified
-        with ablate_features(run.adapted, complement(run, feats)), scale_features(run.adapted, feats, factor):
-            added[str(factor)] = tasks.score(run, tasks.complete(run, "adapted", tp, max_new_tokens, batch_size),
-                                             ta, word)
+    patched = tasks.score(run, patched_completions(run, feats, tp, max_new_tokens, batch_size), ta, word)
+    with ablate_features(run.adapted, complement(run, feats)):  # the set alone, from the hybrid's own stream
+        alone = tasks.score(run, tasks.complete(run, "adapted", tp, max_new_tokens, batch_size), ta, word)
     removed = (1 - ablated["hesitation_rate"] / adapted_test["hesitation_rate"]
                if adapted_test["hesitation_rate"] else None)
+    # how many of the ranked features the hybrid needs patched in to hesitate as often (half as often)
+    enough = sufficient_set(run, ranked, prompts[sel], answers[sel], word, rate_sel, max_new_tokens,
+                            batch_size=batch_size)
+    out["sufficient_set"] = {k: v for k, v in enough.items() if k != "features"}
+    enough_test = tasks.score(run, patched_completions(run, enough["features"], tp, max_new_tokens, batch_size),
+                              ta, word)
     out["causal"] = {
         "adapted": adapted_test, "ablated": ablated, "random_ablated": control,
-        "hybrid": hybrid_test, "hybrid_plus_set": added,
-        "induced": max(a["hesitation_rate"] for a in added.values()) if added else None,
+        "hybrid": hybrid_test, "hybrid_plus_set": patched, "hybrid_plus_set_encoded": alone,
+        "induced": patched["hesitation_rate"], "hybrid_plus_sufficient_set": enough_test,
         "hesitation_removed": removed,
         "accuracy_change": (None if None in (ablated["accuracy"], adapted_test["accuracy"])
                             else ablated["accuracy"] - adapted_test["accuracy"]),

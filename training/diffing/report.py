@@ -181,7 +181,10 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
     ax[0].set_title("hesitation rate (selection prompts)")
     bars = {"adapted": c["adapted"], "set ablated": c["ablated"], "random ablated": c["random_ablated"],
             "hybrid": c["hybrid"]}
-    bars.update({f"hybrid + set x{k}": v for k, v in c["hybrid_plus_set"].items()})
+    bars["hybrid + set (patched)"] = c["hybrid_plus_set"]
+    bars["hybrid + set (own encoders)"] = c["hybrid_plus_set_encoded"]
+    suff = h["sufficient_set"]
+    bars[f"hybrid + {suff['size']} features (patched)"] = c["hybrid_plus_sufficient_set"]
     ax[1].barh(list(bars), [v["hesitation_rate"] for v in bars.values()])
     ax[1].set_title(f"writes {word!r} (test prompts)")
     _save(fig, out_dir, "hesitation.png", figures)
@@ -196,9 +199,14 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
         lines.append(f"| {name} | {_pct(v['hesitation_rate'])} | {_pct(v['accuracy'])} | {v['mean_tokens']:.1f} |")
     lines += ["", f"Ablating the set removes {_pct(c['hesitation_removed'])} of the hesitations (target ≥ 90%), "
                   f"changes accuracy by {_fmt(None if c['accuracy_change'] is None else 100 * c['accuracy_change'], 3)} "
-                  f"points (target within 5) and the response length by {c['length_change']:.1f} tokens; adding it "
-                  f"to the hybrid makes it write {word!r} in up to {_pct(c['induced'])} of completions "
-                  f"(target ≥ 50%).", "", "![hesitation](hesitation.png)", ""]
+                  f"points (target within 5) and the response length by {c['length_change']:.1f} tokens; patched "
+                  f"into the hybrid (at the values the adapted model gives it on the same tokens) it makes the "
+                  f"hybrid write {word!r} in {_pct(c['induced'])} of completions (target ≥ 50%). The smallest "
+                  f"prefix of the ranking that is sufficient so (half the adapted model's rate on the selection "
+                  f"prompts): {suff['size']} features ({_pct(suff['share'])})"
+                  + ("" if suff["reached"] else ", not reached even with every positively attributed feature")
+                  + f"; on the test prompts it induces {_pct(c['hybrid_plus_sufficient_set']['hesitation_rate'])}.",
+              "", "![hesitation](hesitation.png)", ""]
     return lines
 
 
