@@ -66,7 +66,8 @@ from tckernels.nn.activations import (
     valid_slots,
 )
 from tckernels.nn.crosslayer import CrossLayerOutput, CrossLayerTranscoder, fold_target_blocks
-from tckernels.nn.transcoder import Transcoder, TranscoderConfig, TranscoderOutput
+from tckernels.nn.transcoder import (Transcoder, TranscoderConfig, TranscoderOutput, dead_candidates,
+                                     unexplained_fraction)
 
 __all__ = ["FeatureShardedTranscoder", "FeatureShardedCrossLayerTranscoder", "feature_slice"]
 
@@ -661,26 +662,14 @@ class FeatureShardedTranscoder(nn.Module):
         M = x_in.shape[0]
         if M == 0:
             return residual.new_zeros((), dtype=dt)
-        dead_idx = dead.nonzero().squeeze(1)
-        kl = min(K, dead_idx.numel())
+        kl = min(K, int(dead.sum()))
         # this slice's candidates, as the unsharded module makes them (values differentiable)
         if kl == 0:
             values = x_in.new_zeros(M, K)
             loc = torch.zeros(M, K, dtype=torch.int64, device=x_in.device)
             key = torch.full((M, K), float("-inf"), device=x_in.device)
         else:
-            if pre is not None:
-                pre_dead = pre[:, dead_idx]
-                top_v, j = pre_dead.float().clamp_min(0).topk(kl, dim=1)
-                kept = top_v > 0
-                loc = dead_idx[j]
-                values = gathered_pre(pre_dead.gather(1, j) * kept, loc, x_in, sh.W_enc, sh.b_enc, kept)
-            elif 2 * dead_idx.numel() <= self.n_local:
-                values, j = ops.encode_topk(x_in, sh.W_enc[dead_idx], sh.b_enc[dead_idx], kl)
-                loc = dead_idx[j]
-            else:
-                bias = sh.b_enc.masked_fill(~dead, float("-inf"))
-                values, loc = ops.encode_topk(x_in, sh.W_enc, bias, kl)
+            values, loc = dead_candidates(x_in, sh.W_enc, sh.b_enc, dead, kl, pre)
             # zero values add nothing to the reconstruction: how they rank does not matter
             key = values.detach().float()
             if kl < K:
@@ -689,9 +678,7 @@ class FeatureShardedTranscoder(nn.Module):
         pos, sel, own = self._select(key, loc + self.start, K, k_aux)
         chosen = SparseActivations(self._own(values, pos, own, K), torch.where(own, sel - self.start, 0))
         e_hat = self._sum_over_slices(_decode(chosen, sh.W_dec, None, mode=self.decode_mode))
-        num = (e.to(dt) - e_hat.to(dt)).pow(2).sum()
-        den = e.to(dt).pow(2).sum()
-        return num / den.clamp_min(torch.finfo(dt).tiny)
+        return unexplained_fraction(e, e_hat, dt)
 
     def forward_with_aux(
         self, x: Tensor, target: Optional[Tensor] = None, mask: Optional[Tensor] = None

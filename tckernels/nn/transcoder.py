@@ -247,6 +247,33 @@ class TranscoderOutput(NamedTuple):
     metrics: Dict[str, Tensor]  # detached: "l0", "mse", "fvu", "dead_features", "n_tokens"
 
 
+def dead_candidates(x_in: Tensor, W_enc: Tensor, b_enc: Tensor, dead: Tensor, k: int,
+                    pre: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """AuxK's candidates: per token the ``k`` largest (ReLU'd) pre-activations among the ``dead``
+    rows of ``W_enc``, as ``(values [M, k], row indices [M, k])`` (values differentiable). From
+    ``pre`` (the dense pre-activations, when the encoder made them), from one GEMM on the dead rows
+    alone when at most half the rows are dead, else from the fused encoder with the live rows
+    masked out (no copy of most of W_enc)."""
+    dead_idx = dead.nonzero().squeeze(1)
+    if pre is not None:
+        pre_dead = pre[:, dead_idx]
+        top_v, loc = pre_dead.float().clamp_min(0).topk(k, dim=1)
+        kept = top_v > 0
+        idx = dead_idx[loc]
+        return gathered_pre(pre_dead.gather(1, loc) * kept, idx, x_in, W_enc, b_enc, kept), idx
+    if 2 * dead_idx.numel() <= W_enc.shape[0]:
+        values, loc = ops.encode_topk(x_in, W_enc[dead_idx], b_enc[dead_idx], k)
+        return values, dead_idx[loc]
+    return ops.encode_topk(x_in, W_enc, b_enc.masked_fill(~dead, float("-inf")), k)
+
+
+def unexplained_fraction(e: Tensor, e_hat: Tensor, dt: torch.dtype) -> Tensor:
+    """``Σ‖e − ê‖² / Σ‖e‖²`` in ``dt`` (AuxK's loss)."""
+    num = (e.to(dt) - e_hat.to(dt)).pow(2).sum()
+    den = e.to(dt).pow(2).sum()
+    return num / den.clamp_min(torch.finfo(dt).tiny)
+
+
 class Transcoder(nn.Module):
     """Sparse transcoder ``x [..., d_in] -> y [..., d_out]``; see the module docstring."""
 
@@ -646,23 +673,9 @@ class Transcoder(nn.Module):
                 pre = pre[m]
         if x_in.shape[0] == 0:
             return residual.new_zeros((), dtype=dt)
-        dead_idx = dead.nonzero().squeeze(1)
-        if pre is not None:
-            pre_dead = pre[:, dead_idx]
-            top_v, loc = pre_dead.float().clamp_min(0).topk(k_aux, dim=1)
-            kept = top_v > 0
-            gidx = dead_idx[loc]
-            values = gathered_pre(pre_dead.gather(1, loc) * kept, gidx, x_in, self.W_enc, self.b_enc, kept)
-        elif 2 * n_dead <= self.n_features:
-            values, loc = ops.encode_topk(x_in, self.W_enc[dead_idx], self.b_enc[dead_idx], k_aux)
-            gidx = dead_idx[loc]
-        else:
-            bias = self.b_enc.masked_fill(~dead, float("-inf"))
-            values, gidx = ops.encode_topk(x_in, self.W_enc, bias, k_aux)
+        values, gidx = dead_candidates(x_in, self.W_enc, self.b_enc, dead, k_aux, pre)
         e_hat = _decode(SparseActivations(values, gidx), self.W_dec, None, mode=self.decode_mode)
-        num = (e.to(dt) - e_hat.to(dt)).pow(2).sum()
-        den = e.to(dt).pow(2).sum()
-        return num / den.clamp_min(torch.finfo(dt).tiny)
+        return unexplained_fraction(e, e_hat, dt)
 
     def _regularizers(self, x: Tensor, acts: SparseActivations, extra: dict, mask: Optional[Tensor]) -> Dict[str, Tensor]:
         """The unweighted terms "sparsity", "l0" and "pre_act" where they apply, for the
