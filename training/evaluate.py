@@ -102,6 +102,18 @@ def validate(objective, examples: Sequence, pad_token_id: int, batch_size: int, 
 # --------------------------------------------------------------------------------------------------
 # sample generations
 # --------------------------------------------------------------------------------------------------
+def left_padded(prompts: Sequence[list], pad: int, device) -> tuple:
+    """``(input_ids, attention_mask)`` ``[len(prompts), longest]`` of token-id lists, padded on the left
+    (so every prompt ends where generation begins), on ``device``."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    attn = torch.zeros(len(prompts), T, dtype=torch.long)
+    for j, p in enumerate(prompts):
+        ids[j, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[j, T - len(p):] = 1
+    return ids.to(device), attn.to(device)
+
+
 @torch.no_grad()
 def greedy_completions(model, tokenizer, prompts: Sequence[list], max_new_tokens: int, device,
                        batch_size: int = 32) -> list:
@@ -109,16 +121,10 @@ def greedy_completions(model, tokenizer, prompts: Sequence[list], max_new_tokens
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out = []
     for s in range(0, len(prompts), batch_size):
-        ps = prompts[s:s + batch_size]
-        T = max(len(p) for p in ps)
-        ids = torch.full((len(ps), T), pad, dtype=torch.long)
-        attn = torch.zeros(len(ps), T, dtype=torch.long)
-        for j, p in enumerate(ps):
-            ids[j, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            attn[j, T - len(p):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
+        ids, attn = left_padded(prompts[s:s + batch_size], pad, device)
+        gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos, pad_token_id=pad)
-        for row in gen[:, T:].tolist():
+        for row in gen[:, ids.shape[1]:].tolist():
             if eos in row:
                 row = row[:row.index(eos)]
             out.append(row)

@@ -30,6 +30,7 @@ import torch
 from tckernels.models import ablate_features, adapter_modules, record_features
 from tckernels.nn.activations import SparseActivations
 from training.diffing import tasks
+from training.evaluate import left_padded
 
 
 def _word_log_prob(model, ids: torch.Tensor, start: int, word: Sequence[int]) -> torch.Tensor:
@@ -177,13 +178,7 @@ def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[l
     out = []
     for s in range(0, len(prompts), batch_size):
         ps = prompts[s:s + batch_size]
-        T = max(len(p) for p in ps)
-        ids = torch.full((len(ps), T), pad, dtype=torch.long)
-        attn = torch.zeros(len(ps), T, dtype=torch.long)
-        for j, p in enumerate(ps):
-            ids[j, T - len(p):] = torch.tensor(p, dtype=torch.long)
-            attn[j, T - len(p):] = 1
-        ids, attn = ids.to(run.device), attn.to(run.device)
+        ids, attn = left_padded(ps, pad, run.device)
         pos = (attn.cumsum(-1) - 1).clamp_min(0)
         cache_a = cache_h = None
         new, done = [], torch.zeros(len(ps), dtype=torch.bool, device=run.device)
