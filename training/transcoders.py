@@ -471,6 +471,19 @@ def _optimizer_params(o: torch.optim.Optimizer) -> list:
     return [p for g in o.param_groups for p in g["params"]]  # the order of the state dict's indices
 
 
+def _map_row_states(tr: Trainer, o: torch.optim.Optimizer, sd: dict, fn) -> dict:
+    """``sd`` (an optimizer state dict of ``o``'s parameters) with ``fn(module, state, param)``
+    applied to every tensor state of a feature-sharded parameter (the others as they are)."""
+    owners = _row_owners(tr)
+    state = {}
+    for i, p in enumerate(_optimizer_params(o)):
+        if i not in sd["state"]:
+            continue
+        m = owners.get(id(p))
+        state[i] = {k: (fn(m, v, p) if m is not None and torch.is_tensor(v) else v) for k, v in sd["state"][i].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
 def whole_optimizer_state(tr: Trainer, o: torch.optim.Optimizer) -> dict:
     """``o.state_dict()`` as the full dictionary's optimizer would have it: every per-feature state
     of a sharded parameter (AdamW's moments) gathered from its slices. The parameters' order is the
@@ -478,30 +491,15 @@ def whole_optimizer_state(tr: Trainer, o: torch.optim.Optimizer) -> dict:
     sd = o.state_dict()
     if not tr.par.sharded:
         return sd
-    owners = _row_owners(tr)
-    state = {}
-    for i, p in enumerate(_optimizer_params(o)):
-        if i not in sd["state"]:
-            continue
-        m = owners.get(id(p))
-        state[i] = {k: (m.gather_rows(v) if m is not None and torch.is_tensor(v) and v.shape == p.shape else v)
-                    for k, v in sd["state"][i].items()}
-    return {"state": state, "param_groups": sd["param_groups"]}
+    return _map_row_states(tr, o, sd, lambda m, v, p: m.gather_rows(v) if v.shape == p.shape else v)
 
 
 def load_whole_optimizer_state_(tr: Trainer, o: torch.optim.Optimizer, sd: dict) -> None:
     """Load a full dictionary's optimizer state (``whole_optimizer_state``'s layout) into ``o``:
     this process's rows of every per-feature state."""
     if tr.par.sharded:
-        owners = _row_owners(tr)
-        state = {}
-        for i, p in enumerate(_optimizer_params(o)):
-            if i not in sd["state"]:
-                continue
-            m = owners.get(id(p))
-            state[i] = {k: (m.local_rows(v) if m is not None and torch.is_tensor(v) and v.dim() == p.dim()
-                            and v.shape[0] == m.n_features else v) for k, v in sd["state"][i].items()}
-        sd = {"state": state, "param_groups": sd["param_groups"]}
+        sd = _map_row_states(tr, o, sd, lambda m, v, p: (m.local_rows(v) if v.dim() == p.dim()
+                                                         and v.shape[0] == m.n_features else v))
     o.load_state_dict(sd)
 
 
