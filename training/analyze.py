@@ -60,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hesitation_word", default=None, help="default: the run's hesitation_word")
     p.add_argument("--max_share", type=float, default=0.05, help="largest feature set tried, as a share of all")
     p.add_argument("--target_removal", type=float, default=0.9, help="share of hesitations the set must remove")
+    p.add_argument("--attribution", default="path", choices=("path", "gradient"),
+                   help="hesitation attribution: integrated gradients from no features (path) or "
+                        "gradient x activation")
+    p.add_argument("--attribution_steps", type=int, default=8, help="the path's quadrature points")
     p.add_argument("--examples_kept", type=int, default=64,
                    help="features per layer whose top examples analysis.json keeps (the most frequent)")
     p.add_argument("--seed", type=int, default=0)
@@ -69,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or not parts:
         p.error(f"--parts: {bad or 'nothing'} not among {', '.join(PARTS)}")
     args.parts = parts
-    for name in ("batch_size", "n_prompts", "generation_batch_size"):
+    for name in ("batch_size", "n_prompts", "generation_batch_size", "attribution_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name}: must be >= 1, got {getattr(args, name)}")
     if not 0 < args.max_share <= 1 or not 0 < args.target_removal <= 1:
@@ -123,7 +127,7 @@ def analyze(args: argparse.Namespace) -> dict:
     if "hesitation" in args.parts:
         step("hesitation", lambda: hesitation.hesitation_experiment(
             run, records, completions, word, max_new, args.max_share, args.target_removal,
-            args.generation_batch_size, seed=args.seed))
+            args.generation_batch_size, seed=args.seed, method=args.attribution, steps=args.attribution_steps))
     if "features" in results:
         _keep_examples(results, args.examples_kept)
     results["seconds"] = round(time.time() - t0, 1)

@@ -42,4 +42,9 @@ def test_analysis_of_the_default_run(default_run, tmp_path):
     assert c["random_ablated"]["hesitation_rate"] >= 0.9 * c["adapted"]["hesitation_rate"]  # the control
     # patched into the hybrid, enough of the ranking makes it hesitate where it never does alone
     assert c["hybrid_plus_sufficient_set"]["hesitation_rate"] > c["hybrid"]["hesitation_rate"] == 0
-    assert "## Hesitation" in report and "Causal tests" in report
+    a_ = h["attribution"]
+    assert a_["method"] == "path" and a_["score_sum"] == pytest.approx(a_["gap"], rel=0.05)  # complete
+    d = h["decision_point"]
+    assert d["adapted"]["top1"] >= 0.97 and d["hybrid"]["top1"] == 0
+    assert d["patched"][-1]["gap_closed"] >= 0.95  # the whole positive ranking is nearly the adapted model
+    assert "## Hesitation" in report and "Causal tests" in report and "decision point" in report

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from tckernels.models import ablate_features, adapter_modules, build_hybrid
+from tckernels.models import ablate_features, adapter_modules, adapters_enabled, build_hybrid
 from tests.training.conftest import make_pair, write_data
 from training.config import Config
 from training.data import load_records, prepare_examples
@@ -77,7 +77,7 @@ def test_attribution_is_gradient_times_activation(run):
     tok = run.tokenizer
     prompt = tok.encode("<｜begin▁of▁sentence｜><｜User｜>12+34<｜Assistant｜>")
     comp = tok.encode("2+4=6. Wait, check")
-    out = H.attribute(run, [prompt], [comp], "Wait")
+    out = H.attribute(run, [prompt], [comp], "Wait", method="gradient")
     assert out["n_sequences"] == 1
     scores = out["scores"]
     layer, feat = max(((i, int(t.abs().argmax())) for i, t in scores.items()), key=lambda x: abs(scores[x[0]][x[1]]))
@@ -95,6 +95,60 @@ def test_attribution_is_gradient_times_activation(run):
     assert fd == pytest.approx(float(scores[layer][feat]), rel=2e-2, abs=1e-4)
     # a completion without the word adds nothing
     assert H.attribute(run, [prompt], [tok.encode("2+4=6. Answer")], "Wait")["n_sequences"] == 0
+
+
+def test_path_attribution_is_complete(run):
+    """Integrated gradients: the scores sum to log p(word) with every feature at its value minus log p
+    with every feature at zero (the adapters' decoder bias alone), up to the midpoint rule's error,
+    which shrinks with the steps; the gap is the two models' own difference."""
+    tok = run.tokenizer
+    prompts = [tok.encode(f"<｜begin▁of▁sentence｜><｜User｜>{p}<｜Assistant｜>") for p in ("12+34", "51+27")]
+    comps = [tok.encode("2+4=6. Wait, check"), tok.encode("1+7=8. 5+2=7. Wait")]
+    fine = H.attribute(run, prompts, comps, "Wait", method="path", steps=32)
+    assert fine["n_sequences"] == 2
+
+    def target(prompt, comp, ablate):
+        pos = tasks.hesitation_position(tok, comp, "Wait")
+        ids = torch.tensor([prompt + comp[:pos + 4]])
+        with torch.no_grad():
+            if ablate:
+                with ablate_features(run.adapted, "all"):
+                    return float(H._word_log_prob(run.adapted, ids, len(prompt) + pos - 1, comp[pos:pos + 4]))
+            return float(H._word_log_prob(run.adapted, ids, len(prompt) + pos - 1, comp[pos:pos + 4]))
+
+    gap = sum(target(p, c, False) - target(p, c, True) for p, c in zip(prompts, comps))
+    assert abs(gap) > 0.1
+    assert fine["gap"] == pytest.approx(gap, rel=1e-4, abs=1e-4)
+    total = sum(float(t.sum()) for t in fine["scores"].values())
+    assert total == pytest.approx(fine["score_sum"]) and total == pytest.approx(gap, rel=0.03)
+    coarse = H.attribute(run, prompts, comps, "Wait", method="path", steps=1)
+    assert abs(coarse["score_sum"] - gap) > abs(total - gap)  # more steps, nearer completeness
+    with pytest.raises(ValueError, match="method"):
+        H.attribute(run, prompts, comps, "Wait", method="lrp")
+
+
+def test_decision_point_ends_at_the_adapted_model(run):
+    """Patching every feature is the adapted model (the whole gap closed), the hybrid is the model
+    with its adapters off, and a completion without the word is not counted."""
+    tok = run.tokenizer
+    prompt = tok.encode("<｜begin▁of▁sentence｜><｜User｜>12+34<｜Assistant｜>")
+    comp = tok.encode("2+4=6. Wait, check")
+    scores = {i: torch.arange(m.n_features, dtype=torch.float64) + 1 for i, m in adapter_modules(run.adapted).items()}
+    ranked = H.ranking(scores)
+    out = H.decision_point(run, ranked, [prompt, prompt], [comp, tok.encode("2+4=6. Answer")], "Wait",
+                           [3, len(ranked)])
+    assert out["n_sequences"] == 1 and [p["size"] for p in out["patched"]] == [3, len(ranked)]
+    pos = tasks.hesitation_position(tok, comp, "Wait")
+    ids = torch.tensor([prompt + comp[:pos + 4]])
+    with torch.no_grad():
+        lp = float(H._word_log_prob(run.adapted, ids, len(prompt) + pos - 1, comp[pos:pos + 4]))
+        with adapters_enabled(run.adapted, False):
+            lp_h = float(H._word_log_prob(run.adapted, ids, len(prompt) + pos - 1, comp[pos:pos + 4]))
+    assert out["adapted"]["mean_log_prob"] == pytest.approx(lp, abs=1e-4)
+    assert out["hybrid"]["mean_log_prob"] == pytest.approx(lp_h, abs=1e-4) and abs(lp - lp_h) > 0.1
+    every = out["patched"][-1]
+    assert every["mean_log_prob"] == pytest.approx(lp, abs=1e-4) and every["gap_closed"] == pytest.approx(1.0, abs=1e-4)
+    assert out["patched"][0]["mean_log_prob"] != pytest.approx(lp, abs=1e-3)  # three features are not all
 
 
 def test_ranking_sets_and_complement(run):

@@ -3,13 +3,21 @@ word ("Wait"), and whether they are necessary and sufficient for it.
 
 1. Attribution: for each held-out completion of the adapted model that hesitates, the
    log-probability of the hesitation word (its tokens as written, teacher-forced) is attributed to
-   the adapter features active at the positions that predict it and every earlier one, by
-   gradient x activation
-   (``f_i * d logit / d f_i``, the features' recorded activations kept differentiable through
-   ``record_features(grad=True)``). Sums over positions and completions give a score per
-   (layer, feature); only ``[tokens, k]`` activations and ``[n_features]`` sums are ever made, and
-   the head runs on the one predicting position, so no ``[tokens, vocab]`` or ``[tokens, features]``
-   tensor exists.
+   the adapter features active at the positions that predict it and every earlier one. Two methods:
+
+   * ``path`` (the default): integrated gradients from the adapters' features all at zero to their
+     values in the adapted model, every layer's features scaled together along the path while the
+     rest of the network (attention, the base MLPs, the head) is recomputed. The scores are
+     *complete*: they sum to ``log p_adapted(word) - log p_zero(word)`` (``gap`` in the result; up to
+     the quadrature error of ``steps`` midpoints), so a set's share of the sum says how much of the
+     hesitation it carries.
+   * ``gradient``: gradient x activation at the adapted model (``f_i * d log p / d f_i``), one
+     backward per completion; a first-order account that ignores saturation, so its ranking can miss
+     features whose effect only shows along the way.
+
+   Sums over positions and completions give a score per (layer, feature); only ``[tokens, k]``
+   activations and ``[n_features]`` sums are ever made, and the head runs on the predicting
+   positions only, so no ``[tokens, vocab]`` or ``[tokens, features]`` tensor exists.
 2. The smallest set: features ranked by positive attribution; the smallest prefix (searched on a
    grid of sizes up to ``max_share`` of all adapter features) whose ablation removes at least
    ``target_removal`` of the adapted model's hesitations on the selection prompts.
@@ -20,9 +28,15 @@ word ("Wait"), and whether they are necessary and sufficient for it.
    and adding the set to the hybrid: patched in at the values the adapted model gives it on the
    same tokens (:func:`patched_completions`), and, for comparison, encoded from the hybrid's own
    stream (the adapted model with every other feature ablated).
+4. The decision point (:func:`decision_point`): greedy generation only shows whether the word wins
+   the argmax, so sufficiency is also measured where it is decided: on each hesitating completion's
+   own prefix, the log-probability of the word for the hybrid, the hybrid with the top features of
+   the ranking patched in (several set sizes) and the adapted model, and the share of the gap from
+   the hybrid to the adapted model that each set closes.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -33,54 +47,134 @@ from training.diffing import tasks
 from training.evaluate import left_padded
 
 
-def _word_log_prob(model, ids: torch.Tensor, start: int, word: Sequence[int]) -> torch.Tensor:
+def _word_log_prob(model, ids: torch.Tensor, start: int, word: Sequence[int],
+                   grad_inputs: bool = True) -> torch.Tensor:
     """``log p(word | ids[:, :start + 1])``: the log-probability of the tokens ``word`` that follow
-    position ``start`` of ``ids`` [1, T] (teacher-forced), differentiable in the input embeddings (so
-    the recorded feature activations are too). The head runs on the ``len(word)`` predicting
-    positions only."""
+    position ``start`` of ``ids`` [1, T] (teacher-forced); ``grad_inputs``: differentiable in the
+    input embeddings (so the recorded feature activations are too). The head runs on the
+    ``len(word)`` predicting positions only."""
     inner = model.model
-    emb = inner.embed_tokens(ids).detach().requires_grad_(True)
+    emb = inner.embed_tokens(ids).detach().requires_grad_(grad_inputs)
     out = inner(inputs_embeds=emb, attention_mask=torch.ones_like(ids), use_cache=False)
     h = out.last_hidden_state[0, start:start + len(word)]
     logp = torch.log_softmax(model.get_output_embeddings()(h).float(), -1)
     return logp[torch.arange(len(word), device=ids.device), torch.tensor(word, device=ids.device)].sum()
 
 
-def attribute(run, prompts: Sequence[list], completions: Sequence[list], word: str,
-              max_sequences: Optional[int] = None) -> dict:
-    """Gradient x activation of the hesitation word's log-probability, per layer and feature, summed
-    over the completions (of the adapted model, on ``prompts``) that contain ``word``. Returns
-    ``{"scores": {layer: [F] float tensor}, "n_sequences", "predicting_share"}`` (the share of
-    the absolute attribution at the positions that predict the word's tokens)."""
-    model = run.adapted
-    mods = adapter_modules(model)
-    scores = {i: torch.zeros(m.n_features, dtype=torch.float64) for i, m in mods.items()}
-    n, at_last, total_abs = 0, 0.0, 0.0
+METHODS = ("path", "gradient")
+
+
+def _hesitating(run, prompts, completions, word, max_sequences):
+    """``(ids [1, T], start, word tokens)`` per completion that contains ``word``: the prompt and the
+    completion up to the end of the word's tokens as written (a BPE tokenizer may merge a leading
+    space), and the position that predicts the word's first token."""
+    n = 0
     for prompt, comp in zip(prompts, completions):
         if max_sequences is not None and n >= max_sequences:
-            break
+            return
         pos = tasks.hesitation_position(run.tokenizer, comp, word)
         if pos is None:
             continue
-        # the word's tokens as this completion wrote them (a BPE tokenizer may merge a leading space)
         n_word = _word_tokens(run.tokenizer, comp, pos, word)
         ids = torch.tensor([list(prompt) + list(comp[:pos + n_word])], device=run.device)
-        start = len(prompt) + pos - 1  # the position that predicts the word's first token
-        end = start + n_word  # positions < end take part
-        with torch.enable_grad(), record_features(model, grad=True) as rec:
-            target = _word_log_prob(model, ids, start, list(comp[pos:pos + n_word]))
-            acts = {i: rec.tokens(i) for i in mods}
-            grads = torch.autograd.grad(target, [a.values for a in acts.values()], allow_unused=True)
-        for (i, a), g in zip(acts.items(), grads):
-            if g is None:
-                continue
-            contrib = (a.values.detach() * g)[0, :end].double().cpu()  # [positions, w]
-            idx = a.indices[0, :end].cpu()
-            scores[i].index_add_(0, idx.reshape(-1), contrib.reshape(-1))
-            total_abs += contrib.abs().sum().item()
-            at_last += contrib[start:].abs().sum().item()
+        yield ids, len(prompt) + pos - 1, list(comp[pos:pos + n_word])
         n += 1
-    return {"scores": scores, "n_sequences": n, "predicting_share": at_last / total_abs if total_abs else None}
+
+
+class _Fixed:
+    """A ``feature_edit`` that replaces a layer's activations by given ones (the same shape)."""
+
+    def __init__(self, acts: SparseActivations):
+        self.acts = acts
+
+    def __call__(self, acts, W_dec):
+        return self.acts, None
+
+
+@contextmanager
+def _edited(model, edits: Dict[int, object], others_on: bool):
+    """Adapters of ``edits`` on with those feature edits; every other adapter on (``others_on``)
+    or off; the adapters' own settings restored after."""
+    mods = adapter_modules(model)
+    saved = {i: (m.enabled, m.feature_edit) for i, m in mods.items()}
+    try:
+        for i, m in mods.items():
+            if i in edits:
+                m.enabled, m.feature_edit = True, edits[i]
+            else:
+                m.enabled = m.enabled and others_on
+        yield model
+    finally:
+        for i, m in mods.items():
+            m.enabled, m.feature_edit = saved[i]
+
+
+def _path_scores(model, ids, start, word, steps: int) -> tuple:
+    """Integrated gradients of the word's log-probability over every adapter feature recorded on
+    ``ids``: ``({layer: (contributions [T, w], indices [T, w])}, log p at all features, at none)``."""
+    with torch.no_grad(), record_features(model) as rec:
+        at_one = float(_word_log_prob(model, ids, start, word, grad_inputs=False))
+    recorded = {i: rec.tokens(i) for i in rec.recorded_layers()}
+    total = {i: torch.zeros_like(a.values) for i, a in recorded.items()}
+    for k in range(steps):
+        alpha = (k + 0.5) / steps
+        xs = {i: (a.values * alpha).requires_grad_(True) for i, a in recorded.items()}
+        edits = {i: _Fixed(SparseActivations(xs[i], a.indices)) for i, a in recorded.items()}
+        with torch.enable_grad(), _edited(model, edits, others_on=False):
+            target = _word_log_prob(model, ids, start, word, grad_inputs=False)
+            grads = torch.autograd.grad(target, list(xs.values()), allow_unused=True)
+        for i, g in zip(xs, grads):
+            if g is not None:
+                total[i] += g
+    zero = {i: _Fixed(SparseActivations(torch.zeros_like(a.values), a.indices)) for i, a in recorded.items()}
+    with torch.no_grad(), _edited(model, zero, others_on=False):
+        at_zero = float(_word_log_prob(model, ids, start, word, grad_inputs=False))
+    return ({i: (recorded[i].values * total[i] / steps, recorded[i].indices) for i in recorded}, at_one, at_zero)
+
+
+def _gradient_scores(model, ids, start, word) -> dict:
+    """Gradient x activation at the adapted model: ``{layer: (contributions [T, w], indices)}``."""
+    with torch.enable_grad(), record_features(model, grad=True) as rec:
+        target = _word_log_prob(model, ids, start, word)
+        acts = {i: rec.tokens(i) for i in rec.recorded_layers()}
+        grads = torch.autograd.grad(target, [a.values for a in acts.values()], allow_unused=True)
+    return {i: (a.values.detach() * g, a.indices) for (i, a), g in zip(acts.items(), grads) if g is not None}
+
+
+def attribute(run, prompts: Sequence[list], completions: Sequence[list], word: str,
+              max_sequences: Optional[int] = None, method: str = "path", steps: int = 8) -> dict:
+    """Attribution of the hesitation word's log-probability to each adapter feature, summed over
+    the completions (of the adapted model, on ``prompts``) that contain ``word``, by ``method``
+    (:data:`METHODS`; ``steps``: the path's midpoints). Returns ``{"scores": {layer: [F] float64
+    tensor}, "method", "n_sequences", "predicting_share"`` (the share of the absolute attribution at
+    the positions that predict the word's tokens)``}``, and for ``path`` also ``"gap"`` (the summed
+    ``log p_adapted - log p_zero`` that complete scores add up to) and ``"score_sum"``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    model = run.adapted
+    mods = adapter_modules(model)
+    scores = {i: torch.zeros(m.n_features, dtype=torch.float64) for i, m in mods.items()}
+    n, at_last, total_abs, gap = 0, 0.0, 0.0, 0.0
+    for ids, start, word_ids in _hesitating(run, prompts, completions, word, max_sequences):
+        end = start + len(word_ids)  # positions < end take part
+        if method == "path":
+            contribs, at_one, at_zero = _path_scores(model, ids, start, word_ids, steps)
+            gap += at_one - at_zero
+        else:
+            contribs = _gradient_scores(model, ids, start, word_ids)
+        for i, (c, idx) in contribs.items():
+            c = c.detach()[0, :end].double().cpu()  # [positions, w]
+            scores[i].index_add_(0, idx[0, :end].cpu().reshape(-1), c.reshape(-1))
+            total_abs += c.abs().sum().item()
+            at_last += c[start:].abs().sum().item()
+        n += 1
+    out = {"scores": scores, "method": method, "n_sequences": n,
+           "predicting_share": at_last / total_abs if total_abs else None}
+    if method == "path":
+        out.update(steps=steps, gap=gap, score_sum=sum(float(t.sum()) for t in scores.values()))
+    return out
 
 
 def _word_tokens(tokenizer, comp: Sequence[int], pos: int, word: str) -> int:
@@ -157,6 +251,67 @@ def _set_values(acts, slot: torch.Tensor, n: int) -> torch.Tensor:
     return out[..., :n]
 
 
+def _patches(run, features: Dict[int, List[int]]) -> tuple:
+    """``({layer: slot [F]}, {layer: _Patched})`` for patching ``features`` (see :func:`_set_values`)."""
+    mods = adapter_modules(run.adapted)
+    slots, patches = {}, {}
+    for i in sorted(features):
+        chosen = torch.tensor(features[i], device=run.device)
+        slot = torch.full((mods[i].n_features,), len(features[i]), dtype=torch.long, device=run.device)
+        slot[chosen] = torch.arange(len(features[i]), device=run.device)
+        slots[i], patches[i] = slot, _Patched(chosen)
+    return slots, patches
+
+
+@torch.no_grad()
+def decision_point(run, ranked: Sequence[tuple], prompts: Sequence[list], completions: Sequence[list], word: str,
+                   sizes: Sequence[int], max_sequences: Optional[int] = None) -> dict:
+    """Sufficiency where the word is decided: on each of ``completions`` (the adapted model's) that
+    contains ``word``, teacher-forced up to it, the log-probability of the word's tokens and whether
+    its first token is the most likely next one, for the hybrid, the hybrid with the first ``size``
+    features of ``ranked`` patched in at the adapted model's values (each of ``sizes``) and the
+    adapted model. Returns ``{"n_sequences", "hybrid", "adapted", "patched": [{"size", ...}]}``, each
+    with ``mean_log_prob``, ``top1`` (share) and, for the patched sets, ``gap_closed``:
+    ``(patched - hybrid) / (adapted - hybrid)`` of the mean log-probabilities."""
+    model = run.adapted
+    sizes = sorted(set(min(s, len(ranked)) for s in sizes if s > 0))
+    sums = {k: [0.0, 0] for k in ["hybrid", "adapted"] + sizes}
+    n = 0
+
+    def add(key, ids, start, word_ids):
+        h = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+        logp = torch.log_softmax(model.get_output_embeddings()(h[0, start:start + len(word_ids)]).float(), -1)
+        sums[key][0] += float(logp[torch.arange(len(word_ids)), torch.tensor(word_ids, device=ids.device)].sum())
+        sums[key][1] += int(logp[0].argmax()) == word_ids[0]
+
+    for ids, start, word_ids in _hesitating(run, prompts, completions, word, max_sequences):
+        with record_features(model) as rec:
+            add("adapted", ids, start, word_ids)
+        with _edited(model, {}, others_on=False):
+            add("hybrid", ids, start, word_ids)
+        for size in sizes:
+            features = as_layers(ranked[:size])
+            slots, patches = _patches(run, features)
+            for i in patches:
+                patches[i].values = _set_values(rec.tokens(i), slots[i], len(features[i]))
+            with _edited(model, patches, others_on=False):
+                add(size, ids, start, word_ids)
+        n += 1
+
+    def mean(key):
+        lp, top = sums[key]
+        return {"mean_log_prob": lp / n if n else None, "top1": top / n if n else None}
+
+    hyb, ada = mean("hybrid"), mean("adapted")
+    patched = []
+    for size in sizes:
+        m = mean(size)
+        gap = None if not n or ada["mean_log_prob"] == hyb["mean_log_prob"] else \
+            (m["mean_log_prob"] - hyb["mean_log_prob"]) / (ada["mean_log_prob"] - hyb["mean_log_prob"])
+        patched.append({"size": size, **m, "gap_closed": gap})
+    return {"n_sequences": n, "hybrid": hyb, "adapted": ada, "patched": patched}
+
+
 @torch.no_grad()
 def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[list], max_new_tokens: int,
                         batch_size: int = 32) -> list:
@@ -165,15 +320,8 @@ def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[l
     those features, and only those, at the values the adapted model gives them there. Two cached
     forwards per new token; the sufficiency test of the set."""
     model, tok = run.adapted, run.tokenizer
-    mods = adapter_modules(model)
     layers = sorted(features)
-    chosen = {i: torch.tensor(features[i], device=run.device) for i in layers}
-    slots = {}
-    for i in layers:
-        slot = torch.full((mods[i].n_features,), len(features[i]), dtype=torch.long, device=run.device)
-        slot[chosen[i]] = torch.arange(len(features[i]), device=run.device)
-        slots[i] = slot
-    patches = {i: _Patched(chosen[i]) for i in layers}
+    slots, patches = _patches(run, features)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -188,16 +336,8 @@ def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[l
             cache_a = getattr(oa, _CACHE, None) or oa.past_key_values
             for i in layers:
                 patches[i].values = _set_values(rec.tokens(i), slots[i], len(features[i]))
-            saved = {i: (m.enabled, m.feature_edit) for i, m in mods.items()}
-            try:
-                for i, m in mods.items():
-                    m.enabled = i in patches
-                    if i in patches:
-                        m.feature_edit = patches[i]
+            with _edited(model, patches, others_on=False):
                 oh = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{_CACHE: cache_h}, use_cache=True)
-            finally:
-                for i, m in mods.items():
-                    m.enabled, m.feature_edit = saved[i]
             cache_h = getattr(oh, _CACHE, None) or oh.past_key_values
             nxt = oh.logits[:, -1].argmax(-1).masked_fill(done, pad)
             new.append(nxt)
@@ -292,19 +432,22 @@ def sufficient_set(run, ranked: Sequence[tuple], prompts, answers, word: str, ra
 
 def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], word: str, max_new_tokens: int,
                           max_share: float = 0.05, target_removal: float = 0.9, batch_size: int = 32,
-                          max_attribution_sequences: Optional[int] = None, seed: int = 0) -> dict:
-    """Attribution and the smallest set on the first half of ``records``, the causal tests on the
-    second half. ``completions``: the task evaluation's completions of ``records`` per model."""
+                          max_attribution_sequences: Optional[int] = None, seed: int = 0,
+                          method: str = "path", steps: int = 8) -> dict:
+    """Attribution (by ``method``, see :func:`attribute`) and the smallest set on the first half of
+    ``records``, the causal tests and the decision point on the second half. ``completions``: the
+    task evaluation's completions of ``records`` per model."""
     prompts, answers = tasks.prompts_and_answers(run, records)
     half = len(records) // 2
     if half < 1:
         raise ValueError(f"the hesitation experiment needs at least 2 held-out prompts, got {len(records)}")
     sel, test = slice(0, half), slice(half, len(records))
     adapted_sel = completions["adapted"][sel]
-    attr = attribute(run, prompts[sel], adapted_sel, word, max_attribution_sequences)
+    attr = attribute(run, prompts[sel], adapted_sel, word, max_attribution_sequences, method, steps)
     ranked = ranking(attr["scores"])
     total = sum(m.n_features for m in adapter_modules(run.adapted).values())
     out = {"n_selection": half, "n_test": len(records) - half, "n_features_total": total,
+           "attribution": {k: v for k, v in attr.items() if k != "scores"},
            "attributed_sequences": attr["n_sequences"], "predicting_share": attr["predicting_share"],
            "top_features": [{"layer": i, "feature": f, "score": s} for i, f, s in ranked[:20]]}
     if not ranked:
@@ -334,6 +477,10 @@ def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], 
     out["sufficient_set"] = {k: v for k, v in enough.items() if k != "features"}
     enough_test = tasks.score(run, patched_completions(run, enough["features"], tp, max_new_tokens, batch_size),
                               ta, word)
+    grid = _size_grid(total, 1.0)
+    out["decision_point"] = decision_point(run, ranked, tp, completions["adapted"][test], word,
+                                           sorted(set(grid + [chosen["size"], enough["size"]])),
+                                           max_attribution_sequences)
     out["causal"] = {
         "adapted": adapted_test, "ablated": ablated, "random_ablated": control,
         "hybrid": hybrid_test, "hybrid_plus_set": patched, "hybrid_plus_set_encoded": alone,

@@ -166,14 +166,22 @@ def _features_section(fs: dict, out_dir: str, figures: list, highlight: dict, n_
 
 def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list:
     lines = ["## Hesitation", ""]
-    lines.append(f"Attribution (gradient × activation of log p({word!r})) over {h['attributed_sequences']} "
+    a = h.get("attribution", {})
+    how = ("integrated gradients from no features to the adapted model's, "
+           f"{a.get('steps')} steps" if a.get("method") == "path" else "gradient × activation")
+    lines.append(f"Attribution ({how}) of log p({word!r}) over {h['attributed_sequences']} "
                  f"hesitating completions of {h['n_selection']} selection prompts; "
                  f"{_pct(h['predicting_share'])} of it at the positions that predict the word.")
+    if a.get("method") == "path" and h["attributed_sequences"]:
+        n = h["attributed_sequences"]
+        lines.append(f"The scores sum to {a['score_sum'] / n:.2f} nats per completion; the gap they account "
+                     f"for (log p with every feature minus with none) is {a['gap'] / n:.2f}.")
     if "set" not in h:
         return lines + ["", h.get("note", ""), ""]
     s, c = h["set"], h["causal"]
     plt = _plt()
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+    d = h.get("decision_point")
+    fig, ax = plt.subplots(1, 3 if d else 2, figsize=(13 if d else 9, 3))
     ax[0].plot([t["size"] for t in s["tried"]], [t["hesitation_rate"] for t in s["tried"]], marker="o")
     ax[0].axhline(s["goal_rate"], color="gray", ls="--")
     ax[0].set_xscale("log")
@@ -187,6 +195,16 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
     bars[f"hybrid + {suff['size']} features (patched)"] = c["hybrid_plus_sufficient_set"]
     ax[1].barh(list(bars), [v["hesitation_rate"] for v in bars.values()])
     ax[1].set_title(f"writes {word!r} (test prompts)")
+    if d:
+        ax[2].plot([p["size"] for p in d["patched"]], [p["top1"] for p in d["patched"]], marker="o",
+                   label=f"{word!r} most likely")
+        ax[2].plot([p["size"] for p in d["patched"]], [p["gap_closed"] for p in d["patched"]], marker=".",
+                   label="log-prob gap closed")
+        ax[2].axhline(1.0, color="gray", ls="--")
+        ax[2].set_xscale("log")
+        ax[2].set_xlabel("top features patched into the hybrid")
+        ax[2].set_title("at the decision point (test prompts)")
+        ax[2].legend(fontsize=7)
     _save(fig, out_dir, "hesitation.png", figures)
     lines += ["", f"The smallest set: {s['size']} features ({_pct(s['share'])} of {h['n_features_total']}), "
                   f"{'reaching' if s['reached'] else 'NOT reaching'} the goal of removing "
@@ -206,8 +224,18 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
                   f"prompts): {suff['size']} features ({_pct(suff['share'])})"
                   + ("" if suff["reached"] else ", not reached even with every positively attributed feature")
                   + f"; on the test prompts it induces {_pct(c['hybrid_plus_sufficient_set']['hesitation_rate'])}.",
-              "", "![hesitation](hesitation.png)", ""]
-    return lines
+              ""]
+    if d and d["n_sequences"]:
+        lines += [f"At the decision point (each of the adapted model's {d['n_sequences']} hesitating test "
+                  f"completions, teacher-forced up to the word): the hybrid gives log p({word!r}) "
+                  f"{d['hybrid']['mean_log_prob']:.2f} ({word!r} most likely in {_pct(d['hybrid']['top1'])}), the "
+                  f"adapted model {d['adapted']['mean_log_prob']:.2f} ({_pct(d['adapted']['top1'])}); with the top "
+                  f"features of the ranking patched into the hybrid:", "",
+                  "| features patched | log p | most likely | gap closed |", "|---|---|---|---|"]
+        lines += [f"| {p['size']} | {p['mean_log_prob']:.2f} | {_pct(p['top1'])} | {_pct(p['gap_closed'])} |"
+                  for p in d["patched"]]
+        lines.append("")
+    return lines + ["![hesitation](hesitation.png)", ""]
 
 
 def write_report(results: dict, out_dir: str) -> tuple:
