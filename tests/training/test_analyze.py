@@ -47,4 +47,7 @@ def test_analysis_of_the_default_run(default_run, tmp_path):
     d = h["decision_point"]
     assert d["adapted"]["top1"] >= 0.97 and d["hybrid"]["top1"] == 0
     assert d["patched"][-1]["gap_closed"] >= 0.95  # the whole positive ranking is nearly the adapted model
+    at_one = next(p for p in d["patched"] if p["size"] == s["size"])
+    assert [v["scale"] for v in h["steered"]] == [2.0, 4.0]
+    assert h["steered"][-1]["decision_gap_closed"] > at_one["gap_closed"]  # steering pushes towards the word
     assert "## Hesitation" in report and "Causal tests" in report and "decision point" in report

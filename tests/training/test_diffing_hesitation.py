@@ -149,6 +149,13 @@ def test_decision_point_ends_at_the_adapted_model(run):
     every = out["patched"][-1]
     assert every["mean_log_prob"] == pytest.approx(lp, abs=1e-4) and every["gap_closed"] == pytest.approx(1.0, abs=1e-4)
     assert out["patched"][0]["mean_log_prob"] != pytest.approx(lp, abs=1e-3)  # three features are not all
+    # steering: scale 0 is the hybrid with the adapters' decoder bias alone (every feature dropped)
+    zero = H.decision_point(run, ranked, [prompt], [comp], "Wait", [len(ranked)], scale=0.0)["patched"][0]
+    with ablate_features(run.adapted, "all"), torch.no_grad():
+        lp_0 = float(H._word_log_prob(run.adapted, ids, len(prompt) + pos - 1, comp[pos:pos + 4]))
+    assert zero["mean_log_prob"] == pytest.approx(lp_0, abs=1e-4)
+    double = H.decision_point(run, ranked, [prompt], [comp], "Wait", [len(ranked)], scale=2.0)["patched"][0]
+    assert double["mean_log_prob"] != pytest.approx(lp, abs=1e-3)
 
 
 def test_ranking_sets_and_complement(run):

@@ -232,14 +232,17 @@ _CACHE = _cache_argument()
 
 class _Patched:
     """A ``feature_edit`` that replaces a layer's activations by given values of chosen features
-    (``values [B, T, n]``, set before each forward) and drops every other feature."""
+    (``values [B, T, n]``, set before each forward; times ``scale``) and drops every other feature."""
 
-    def __init__(self, features: torch.Tensor):
+    def __init__(self, features: torch.Tensor, scale: float = 1.0):
         self.features = features
+        self.scale = scale
         self.values: Optional[torch.Tensor] = None
 
     def __call__(self, acts, W_dec):
         v = self.values.to(acts.values.dtype)
+        if self.scale != 1.0:
+            v = v * self.scale
         return SparseActivations(v, self.features.expand(v.shape)), None
 
 
@@ -251,7 +254,7 @@ def _set_values(acts, slot: torch.Tensor, n: int) -> torch.Tensor:
     return out[..., :n]
 
 
-def _patches(run, features: Dict[int, List[int]]) -> tuple:
+def _patches(run, features: Dict[int, List[int]], scale: float = 1.0) -> tuple:
     """``({layer: slot [F]}, {layer: _Patched})`` for patching ``features`` (see :func:`_set_values`)."""
     mods = adapter_modules(run.adapted)
     slots, patches = {}, {}
@@ -259,18 +262,18 @@ def _patches(run, features: Dict[int, List[int]]) -> tuple:
         chosen = torch.tensor(features[i], device=run.device)
         slot = torch.full((mods[i].n_features,), len(features[i]), dtype=torch.long, device=run.device)
         slot[chosen] = torch.arange(len(features[i]), device=run.device)
-        slots[i], patches[i] = slot, _Patched(chosen)
+        slots[i], patches[i] = slot, _Patched(chosen, scale)
     return slots, patches
 
 
 @torch.no_grad()
 def decision_point(run, ranked: Sequence[tuple], prompts: Sequence[list], completions: Sequence[list], word: str,
-                   sizes: Sequence[int], max_sequences: Optional[int] = None) -> dict:
+                   sizes: Sequence[int], max_sequences: Optional[int] = None, scale: float = 1.0) -> dict:
     """Sufficiency where the word is decided: on each of ``completions`` (the adapted model's) that
     contains ``word``, teacher-forced up to it, the log-probability of the word's tokens and whether
     its first token is the most likely next one, for the hybrid, the hybrid with the first ``size``
-    features of ``ranked`` patched in at the adapted model's values (each of ``sizes``) and the
-    adapted model. Returns ``{"n_sequences", "hybrid", "adapted", "patched": [{"size", ...}]}``, each
+    features of ``ranked`` patched in at the adapted model's values times ``scale`` (each of
+    ``sizes``) and the adapted model. Returns ``{"n_sequences", "hybrid", "adapted", "patched": [{"size", ...}]}``, each
     with ``mean_log_prob``, ``top1`` (share) and, for the patched sets, ``gap_closed``:
     ``(patched - hybrid) / (adapted - hybrid)`` of the mean log-probabilities."""
     model = run.adapted
@@ -291,7 +294,7 @@ def decision_point(run, ranked: Sequence[tuple], prompts: Sequence[list], comple
             add("hybrid", ids, start, word_ids)
         for size in sizes:
             features = as_layers(ranked[:size])
-            slots, patches = _patches(run, features)
+            slots, patches = _patches(run, features, scale)
             for i in patches:
                 patches[i].values = _set_values(rec.tokens(i), slots[i], len(features[i]))
             with _edited(model, patches, others_on=False):
@@ -314,14 +317,14 @@ def decision_point(run, ranked: Sequence[tuple], prompts: Sequence[list], comple
 
 @torch.no_grad()
 def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[list], max_new_tokens: int,
-                        batch_size: int = 32) -> list:
+                        batch_size: int = 32, scale: float = 1.0) -> list:
     """Greedy completions by the hybrid with the chosen features patched in: at every step the
     adapted model runs on the same tokens (its own KV cache), and the hybrid (adapters off) gets
-    those features, and only those, at the values the adapted model gives them there. Two cached
-    forwards per new token; the sufficiency test of the set."""
+    those features, and only those, at the values the adapted model gives them there (times
+    ``scale``: steering). Two cached forwards per new token; the sufficiency test of the set."""
     model, tok = run.adapted, run.tokenizer
     layers = sorted(features)
-    slots, patches = _patches(run, features)
+    slots, patches = _patches(run, features, scale)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -433,10 +436,11 @@ def sufficient_set(run, ranked: Sequence[tuple], prompts, answers, word: str, ra
 def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], word: str, max_new_tokens: int,
                           max_share: float = 0.05, target_removal: float = 0.9, batch_size: int = 32,
                           max_attribution_sequences: Optional[int] = None, seed: int = 0,
-                          method: str = "path", steps: int = 8) -> dict:
+                          method: str = "path", steps: int = 8, steer_scales: Sequence[float] = (2.0, 4.0)) -> dict:
     """Attribution (by ``method``, see :func:`attribute`) and the smallest set on the first half of
-    ``records``, the causal tests and the decision point on the second half. ``completions``: the
-    task evaluation's completions of ``records`` per model."""
+    ``records``, the causal tests and the decision point on the second half (and the set patched
+    into the hybrid at each of ``steer_scales`` times the adapted model's values). ``completions``:
+    the task evaluation's completions of ``records`` per model."""
     prompts, answers = tasks.prompts_and_answers(run, records)
     half = len(records) // 2
     if half < 1:
@@ -481,6 +485,16 @@ def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], 
     out["decision_point"] = decision_point(run, ranked, tp, completions["adapted"][test], word,
                                            sorted(set(grid + [chosen["size"], enough["size"]])),
                                            max_attribution_sequences)
+    # steering: the set at multiples of the adapted model's values, where its decision is made and
+    # in generation (a word of several tokens needs the later ones too)
+    out["steered"] = []
+    for c in steer_scales:
+        d = decision_point(run, ranked, tp, completions["adapted"][test], word, [chosen["size"]],
+                           max_attribution_sequences, scale=c)["patched"][0]
+        g = tasks.score(run, patched_completions(run, feats, tp, max_new_tokens, batch_size, scale=c), ta, word)
+        out["steered"].append({"scale": c, "decision_top1": d["top1"], "decision_gap_closed": d["gap_closed"],
+                               "hesitation_rate": g["hesitation_rate"], "accuracy": g["accuracy"],
+                               "mean_tokens": g["mean_tokens"]})
     out["causal"] = {
         "adapted": adapted_test, "ablated": ablated, "random_ablated": control,
         "hybrid": hybrid_test, "hybrid_plus_set": patched, "hybrid_plus_set_encoded": alone,

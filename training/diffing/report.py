@@ -181,7 +181,7 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
     s, c = h["set"], h["causal"]
     plt = _plt()
     d = h.get("decision_point")
-    fig, ax = plt.subplots(1, 3 if d else 2, figsize=(13 if d else 9, 3))
+    fig, ax = plt.subplots(1, 3 if d else 2, figsize=(14 if d else 9, 3))
     ax[0].plot([t["size"] for t in s["tried"]], [t["hesitation_rate"] for t in s["tried"]], marker="o")
     ax[0].axhline(s["goal_rate"], color="gray", ls="--")
     ax[0].set_xscale("log")
@@ -197,13 +197,13 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
     ax[1].set_title(f"writes {word!r} (test prompts)")
     if d:
         ax[2].plot([p["size"] for p in d["patched"]], [p["top1"] for p in d["patched"]], marker="o",
-                   label=f"{word!r} most likely")
+                   label="first token most likely")
         ax[2].plot([p["size"] for p in d["patched"]], [p["gap_closed"] for p in d["patched"]], marker=".",
                    label="log-prob gap closed")
         ax[2].axhline(1.0, color="gray", ls="--")
         ax[2].set_xscale("log")
         ax[2].set_xlabel("top features patched into the hybrid")
-        ax[2].set_title("at the decision point (test prompts)")
+        ax[2].set_title("at the decision point")
         ax[2].legend(fontsize=7)
     _save(fig, out_dir, "hesitation.png", figures)
     lines += ["", f"The smallest set: {s['size']} features ({_pct(s['share'])} of {h['n_features_total']}), "
@@ -228,12 +228,22 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
     if d and d["n_sequences"]:
         lines += [f"At the decision point (each of the adapted model's {d['n_sequences']} hesitating test "
                   f"completions, teacher-forced up to the word): the hybrid gives log p({word!r}) "
-                  f"{d['hybrid']['mean_log_prob']:.2f} ({word!r} most likely in {_pct(d['hybrid']['top1'])}), the "
+                  f"{d['hybrid']['mean_log_prob']:.2f} (its first token the most likely next one in "
+                  f"{_pct(d['hybrid']['top1'])}), the "
                   f"adapted model {d['adapted']['mean_log_prob']:.2f} ({_pct(d['adapted']['top1'])}); with the top "
                   f"features of the ranking patched into the hybrid:", "",
-                  "| features patched | log p | most likely | gap closed |", "|---|---|---|---|"]
+                  "| features patched | log p | first token most likely | gap closed |", "|---|---|---|---|"]
         lines += [f"| {p['size']} | {p['mean_log_prob']:.2f} | {_pct(p['top1'])} | {_pct(p['gap_closed'])} |"
                   for p in d["patched"]]
+        lines.append("")
+    if h.get("steered"):
+        lines += [f"The set of {s['size']} features patched into the hybrid at multiples of the adapted model's "
+                  f"values (steering): at the decision point, and in generation on the test prompts:", "",
+                  f"| scale | first token most likely | gap closed | writes {word!r} | accuracy | mean tokens |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {v['scale']:g} | {_pct(v['decision_top1'])} | {_pct(v['decision_gap_closed'])} | "
+                  f"{_pct(v['hesitation_rate'])} | {_pct(v['accuracy'])} | {v['mean_tokens']:.1f} |"
+                  for v in h["steered"]]
         lines.append("")
     return lines + ["![hesitation](hesitation.png)", ""]
 
