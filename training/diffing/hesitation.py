@@ -321,7 +321,8 @@ def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[l
     """Greedy completions by the hybrid with the chosen features patched in: at every step the
     adapted model runs on the same tokens (its own KV cache), and the hybrid (adapters off) gets
     those features, and only those, at the values the adapted model gives them there (times
-    ``scale``: steering). Two cached forwards per new token; the sufficiency test of the set."""
+    ``scale``: steering). Two cached forwards per new token, the head on the last position only
+    (no ``[tokens, vocab]`` logits for the prompts); the sufficiency test of the set."""
     model, tok = run.adapted, run.tokenizer
     layers = sorted(features)
     slots, patches = _patches(run, features, scale)
@@ -335,12 +336,14 @@ def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[l
         new, done = [], torch.zeros(len(ps), dtype=torch.bool, device=run.device)
         for _ in range(max_new_tokens):
             with record_features(model, layers=layers) as rec:
-                oa = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{_CACHE: cache_a}, use_cache=True)
+                oa = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{_CACHE: cache_a}, use_cache=True,
+                           logits_to_keep=1)
             cache_a = getattr(oa, _CACHE, None) or oa.past_key_values
             for i in layers:
                 patches[i].values = _set_values(rec.tokens(i), slots[i], len(features[i]))
             with _edited(model, patches, others_on=False):
-                oh = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{_CACHE: cache_h}, use_cache=True)
+                oh = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{_CACHE: cache_h}, use_cache=True,
+                           logits_to_keep=1)
             cache_h = getattr(oh, _CACHE, None) or oh.past_key_values
             nxt = oh.logits[:, -1].argmax(-1).masked_fill(done, pad)
             new.append(nxt)
