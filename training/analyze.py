@@ -15,8 +15,10 @@ writes ``DIR`` (default ``RUN_DIR/analysis``): ``report.md`` with its PNG figure
   prompts by the four models, and the share of the reference's accuracy gain recovered;
 * features: density, dead features, top-activating examples and where features fire (prompt,
   reasoning, answer) at the chosen layers;
-* hesitation: attribution of the hesitation word to adapter features, the smallest feature set
-  whose ablation removes it, and the causal tests (ablating the set; adding it to the hybrid).
+* hesitation: attribution of the hesitation word to adapter features (integrated gradients, or
+  gradient x activation), the smallest feature set whose ablation removes it, the causal tests
+  (ablating the set; adding it to the hybrid, also steered), and the decision point (log p of the
+  word in the hybrid with the ranking's top features patched in).
 
 Everything streams over the held-out data batch by batch with the sparse ops and the chunked KL:
 no ``[tokens, vocab]`` or ``[tokens, features]`` tensor is ever made.
