@@ -55,11 +55,13 @@ def run(tmp_path_factory):
 
     base = AutoModelForCausalLM.from_pretrained(paths["base"]).eval()
     ref = AutoModelForCausalLM.from_pretrained(paths["reference"]).eval()
-    adapted = build_hybrid(AutoModelForCausalLM.from_pretrained(paths["reference"]), base, 16, seed=0).eval()
+    adapted = build_hybrid(AutoModelForCausalLM.from_pretrained(paths["reference"]), base, 16, seed=0,
+                           dec_bias=True).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in adapter_modules(adapted).values():
             m.transcoder.W_dec.copy_(torch.randn(m.transcoder.W_dec.shape, generator=g))
+            m.transcoder.b_dec.copy_(torch.randn(m.transcoder.b_dec.shape, generator=g))  # no feature != hybrid
     for m in (base, ref, adapted):
         for p in m.parameters():
             p.requires_grad_(False)
@@ -144,16 +146,17 @@ def test_decision_point_ends_at_the_adapted_model(run):
         lp = float(H._word_log_prob(run.adapted, ids, len(prompt) + pos - 1, comp[pos:pos + 4]))
         with adapters_enabled(run.adapted, False):
             lp_h = float(H._word_log_prob(run.adapted, ids, len(prompt) + pos - 1, comp[pos:pos + 4]))
+        with ablate_features(run.adapted, "all"):
+            lp_0 = float(H._word_log_prob(run.adapted, ids, len(prompt) + pos - 1, comp[pos:pos + 4]))
     assert out["adapted"]["mean_log_prob"] == pytest.approx(lp, abs=1e-4)
     assert out["hybrid"]["mean_log_prob"] == pytest.approx(lp_h, abs=1e-4) and abs(lp - lp_h) > 0.1
+    assert out["no_features"]["mean_log_prob"] == pytest.approx(lp_0, abs=1e-4) and abs(lp_0 - lp_h) > 0.1
     every = out["patched"][-1]
     assert every["mean_log_prob"] == pytest.approx(lp, abs=1e-4) and every["gap_closed"] == pytest.approx(1.0, abs=1e-4)
     assert out["patched"][0]["mean_log_prob"] != pytest.approx(lp, abs=1e-3)  # three features are not all
-    # steering: scale 0 is the hybrid with the adapters' decoder bias alone (every feature dropped)
+    # steering: scale 0 keeps no feature, whatever the set: no gap closed
     zero = H.decision_point(run, ranked, [prompt], [comp], "Wait", [len(ranked)], scale=0.0)["patched"][0]
-    with ablate_features(run.adapted, "all"), torch.no_grad():
-        lp_0 = float(H._word_log_prob(run.adapted, ids, len(prompt) + pos - 1, comp[pos:pos + 4]))
-    assert zero["mean_log_prob"] == pytest.approx(lp_0, abs=1e-4)
+    assert zero["mean_log_prob"] == pytest.approx(lp_0, abs=1e-4) and zero["gap_closed"] == pytest.approx(0, abs=1e-4)
     double = H.decision_point(run, ranked, [prompt], [comp], "Wait", [len(ranked)], scale=2.0)["patched"][0]
     assert double["mean_log_prob"] != pytest.approx(lp, abs=1e-3)
 
@@ -187,21 +190,51 @@ def test_smallest_set_bisects_to_the_first_size_that_reaches_the_goal(run, monke
     assert not out["reached"] and out["size"] == 5
 
 
-def test_patching_every_feature_is_the_adapted_model_and_none_the_hybrid(run):
+def test_patching_every_feature_is_the_adapted_model_and_none_the_decoder_biases(run):
     prompts, _ = tasks.prompts_and_answers(run, run.val_records[:4])
     every = {i: list(range(m.n_features)) for i, m in adapter_modules(run.adapted).items()}
     assert H.patched_completions(run, every, prompts, 12, batch_size=3) == tasks.complete(run, "adapted", prompts, 12)
-    assert H.patched_completions(run, {}, prompts, 12, batch_size=3) == tasks.complete(run, "hybrid", prompts, 12)
-    # one layer's features patched: not the adapted model (the other adapters are off)
+    with ablate_features(run.adapted, "all"):
+        no_features = tasks.complete(run, "adapted", prompts, 12)
+    assert H.patched_completions(run, {}, prompts, 12, batch_size=3) == no_features
+    assert no_features != tasks.complete(run, "hybrid", prompts, 12)  # the decoder biases matter here
+    # one layer's features patched: the other layer's adapter adds its decoder bias alone
     one = H.patched_completions(run, {0: every[0]}, prompts, 12, batch_size=3)
     with ablate_features(run.adapted, {1: "all"}):
         assert one == tasks.complete(run, "adapted", prompts, 12)
 
 
-def test_set_values_picks_the_chosen_features():
+def test_patching_refuses_installed_interventions_and_disabled_layers(run):
+    prompts, _ = tasks.prompts_and_answers(run, run.val_records[:1])
+    with ablate_features(run.adapted, {0: [1]}):
+        with pytest.raises(ValueError, match="interventions"):
+            H.patched_completions(run, {0: [2]}, prompts, 4)
+        with pytest.raises(ValueError, match="interventions"):
+            H.attribute(run, prompts, [[0]], "Wait", method="path")
+    with adapters_enabled(run.adapted, False, layers=[1]):
+        with pytest.raises(ValueError, match="layers \\[1\\]"):
+            H.patched_completions(run, {1: [2]}, prompts, 4)
+
+
+def test_patch_keeps_the_chosen_features_at_the_recorded_width():
     from tckernels.nn.activations import SparseActivations
 
-    acts = SparseActivations(torch.tensor([[[1.0, 2.0, 3.0]]]), torch.tensor([[[4, 0, 7]]]))
-    slot = torch.full((8,), 2, dtype=torch.long)
-    slot[7], slot[4] = 0, 1  # chosen: features 7 and 4, in that order
-    assert H._set_values(acts, slot, 2).tolist() == [[[3.0, 1.0]]]
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[[4, 7]] = True
+    patch = H._Patched(mask, scale=2.0)
+    patch.acts = SparseActivations(torch.tensor([[[1.0, 2.0, 3.0]]]), torch.tensor([[[4, 0, 7]]]))
+    out, shift = patch(SparseActivations(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3, dtype=torch.long)), None)
+    assert shift is None and out.indices.tolist() == [[[4, 0, 7]]] and out.values.tolist() == [[[2.0, 0.0, 6.0]]]
+
+
+def test_path_attribution_stays_complete_in_bfloat16(run):
+    """A bf16 model's path gradients are summed in float32: with many steps a bf16 sum drifts far
+    from the gap (19% at 512 steps on this pair)."""
+    import copy
+    import dataclasses
+
+    half = dataclasses.replace(run, adapted=copy.deepcopy(run.adapted).to(torch.bfloat16))
+    tok = run.tokenizer
+    prompt = tok.encode("<｜begin▁of▁sentence｜><｜User｜>12+34<｜Assistant｜>")
+    out = H.attribute(half, [prompt], [tok.encode("2+4=6. Wait, check")], "Wait", method="path", steps=512)
+    assert abs(out["gap"]) > 0.1 and out["score_sum"] == pytest.approx(out["gap"], rel=0.02)

@@ -30,9 +30,10 @@ word ("Wait"), and whether they are necessary and sufficient for it.
    stream (the adapted model with every other feature ablated).
 4. The decision point (:func:`decision_point`): greedy generation only shows whether the word wins
    the argmax, so sufficiency is also measured where it is decided: on each hesitating completion's
-   own prefix, the log-probability of the word for the hybrid, the hybrid with the top features of
-   the ranking patched in (several set sizes) and the adapted model, and the share of the gap from
-   the hybrid to the adapted model that each set closes.
+   own prefix, the log-probability of the word for the hybrid, the adapters with no features (their
+   decoder biases alone, where the path attribution starts), the same with the top features of the
+   ranking patched in (several set sizes) and the adapted model, and the share of the gap from no
+   features to the adapted model that each set closes.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from tckernels.models import ablate_features, adapter_modules, record_features
+from tckernels.models import FeatureInterventions, ablate_features, adapter_modules, record_features
 from tckernels.nn.activations import SparseActivations
 from training.diffing import tasks
 from training.evaluate import left_padded
@@ -93,8 +94,8 @@ class _Fixed:
 
 @contextmanager
 def _edited(model, edits: Dict[int, object], others_on: bool):
-    """Adapters of ``edits`` on with those feature edits; every other adapter on (``others_on``)
-    or off; the adapters' own settings restored after."""
+    """Adapters of ``edits`` on with those feature edits; every other adapter as it was
+    (``others_on``) or off; the adapters' own settings restored after."""
     mods = adapter_modules(model)
     saved = {i: (m.enabled, m.feature_edit) for i, m in mods.items()}
     try:
@@ -115,7 +116,8 @@ def _path_scores(model, ids, start, word, steps: int) -> tuple:
     with torch.no_grad(), record_features(model) as rec:
         at_one = float(_word_log_prob(model, ids, start, word, grad_inputs=False))
     recorded = {i: rec.tokens(i) for i in rec.recorded_layers()}
-    total = {i: torch.zeros_like(a.values) for i, a in recorded.items()}
+    # summed in float32: bf16 gradients summed in bf16 lose the completeness the method promises
+    total = {i: torch.zeros_like(a.values, dtype=torch.float32) for i, a in recorded.items()}
     for k in range(steps):
         alpha = (k + 0.5) / steps
         xs = {i: (a.values * alpha).requires_grad_(True) for i, a in recorded.items()}
@@ -125,11 +127,12 @@ def _path_scores(model, ids, start, word, steps: int) -> tuple:
             grads = torch.autograd.grad(target, list(xs.values()), allow_unused=True)
         for i, g in zip(xs, grads):
             if g is not None:
-                total[i] += g
+                total[i] += g.float()
     zero = {i: _Fixed(SparseActivations(torch.zeros_like(a.values), a.indices)) for i, a in recorded.items()}
     with torch.no_grad(), _edited(model, zero, others_on=False):
         at_zero = float(_word_log_prob(model, ids, start, word, grad_inputs=False))
-    return ({i: (recorded[i].values * total[i] / steps, recorded[i].indices) for i in recorded}, at_one, at_zero)
+    return ({i: (recorded[i].values.float() * total[i] / steps, recorded[i].indices) for i in recorded},
+            at_one, at_zero)
 
 
 def _gradient_scores(model, ids, start, word) -> dict:
@@ -153,6 +156,8 @@ def attribute(run, prompts: Sequence[list], completions: Sequence[list], word: s
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if method == "path":
+        _check_no_interventions(run.adapted)
     model = run.adapted
     mods = adapter_modules(model)
     scores = {i: torch.zeros(m.n_features, dtype=torch.float64) for i, m in mods.items()}
@@ -231,39 +236,45 @@ _CACHE = _cache_argument()
 
 
 class _Patched:
-    """A ``feature_edit`` that replaces a layer's activations by given values of chosen features
-    (``values [B, T, n]``, set before each forward; times ``scale``) and drops every other feature."""
+    """A ``feature_edit`` that replaces a layer's activations by recorded ones (``acts``, set before
+    each forward) with only the chosen features kept (``mask [F]``), times ``scale``; with none
+    chosen the layer adds its decoder bias alone. The recorded width is kept: no
+    ``[tokens, chosen features]`` tensor, however many are chosen."""
 
-    def __init__(self, features: torch.Tensor, scale: float = 1.0):
-        self.features = features
+    def __init__(self, mask: torch.Tensor, scale: float = 1.0):
+        self.mask = mask
         self.scale = scale
-        self.values: Optional[torch.Tensor] = None
+        self.acts: Optional[SparseActivations] = None
 
     def __call__(self, acts, W_dec):
-        v = self.values.to(acts.values.dtype)
-        if self.scale != 1.0:
-            v = v * self.scale
-        return SparseActivations(v, self.features.expand(v.shape)), None
+        v, i = self.acts
+        v = torch.where(self.mask[i], v * self.scale, torch.zeros_like(v)).to(acts.values.dtype)
+        return SparseActivations(v, i), None
 
 
-def _set_values(acts, slot: torch.Tensor, n: int) -> torch.Tensor:
-    """``[B, T, n]``: the values of the n chosen features in sparse ``acts``; ``slot [F]`` maps a
-    feature to its place among them (n for every other feature, a column then dropped)."""
-    out = acts.values.new_zeros(*acts.values.shape[:-1], n + 1)
-    out.scatter_add_(-1, slot[acts.indices], acts.values)
-    return out[..., :n]
+def _patches(run, features: Dict[int, List[int]], scale: float = 1.0) -> Dict[int, _Patched]:
+    """One :class:`_Patched` per enabled adapter, keeping ``features`` (``{layer: [features]}``)."""
+    mods = {i: m for i, m in adapter_modules(run.adapted).items() if m.enabled}
+    off = sorted(i for i in features if features[i] and i not in mods)
+    if off:
+        raise ValueError(f"features: layers {off} have no enabled adapter to patch")
+    patches = {}
+    for i, m in mods.items():
+        mask = torch.zeros(m.n_features, dtype=torch.bool, device=run.device)
+        mask[torch.as_tensor(list(features.get(i, ())), dtype=torch.long, device=run.device)] = True
+        patches[i] = _Patched(mask, scale)
+    return patches
 
 
-def _patches(run, features: Dict[int, List[int]], scale: float = 1.0) -> tuple:
-    """``({layer: slot [F]}, {layer: _Patched})`` for patching ``features`` (see :func:`_set_values`)."""
-    mods = adapter_modules(run.adapted)
-    slots, patches = {}, {}
-    for i in sorted(features):
-        chosen = torch.tensor(features[i], device=run.device)
-        slot = torch.full((mods[i].n_features,), len(features[i]), dtype=torch.long, device=run.device)
-        slot[chosen] = torch.arange(len(features[i]), device=run.device)
-        slots[i], patches[i] = slot, _Patched(chosen, scale)
-    return slots, patches
+def _check_no_interventions(model) -> None:
+    """The patching and path methods replace the adapters' feature edits: refuse to run over
+    interventions the caller installed (their effect would be silently dropped)."""
+    busy = [i for i, m in adapter_modules(model).items()
+            if m.feature_edit is not None and not (isinstance(m.feature_edit, FeatureInterventions)
+                                                   and len(m.feature_edit) == 0)]
+    if busy:
+        raise ValueError(f"the adapters of layers {busy} carry feature edits or interventions; remove them "
+                         f"(clear_interventions, or feature_edit = None) before the hesitation analysis")
 
 
 @torch.no_grad()
@@ -271,20 +282,26 @@ def decision_point(run, ranked: Sequence[tuple], prompts: Sequence[list], comple
                    sizes: Sequence[int], max_sequences: Optional[int] = None, scale: float = 1.0) -> dict:
     """Sufficiency where the word is decided: on each of ``completions`` (the adapted model's) that
     contains ``word``, teacher-forced up to it, the log-probability of the word's tokens and whether
-    its first token is the most likely next one, for the hybrid, the hybrid with the first ``size``
-    features of ``ranked`` patched in at the adapted model's values times ``scale`` (each of
-    ``sizes``) and the adapted model. Returns ``{"n_sequences", "hybrid", "adapted", "patched": [{"size", ...}]}``, each
-    with ``mean_log_prob``, ``top1`` (share) and, for the patched sets, ``gap_closed``:
-    ``(patched - hybrid) / (adapted - hybrid)`` of the mean log-probabilities."""
+    its first token is the most likely next one, for the hybrid (adapters off), the adapters with no
+    features (their decoder biases alone: the attribution's starting point), the same with the first
+    ``size`` features of ``ranked`` patched in at the adapted model's values times ``scale`` (each
+    of ``sizes``), and the adapted model. Returns ``{"n_sequences", "hybrid", "no_features",
+    "adapted", "patched": [{"size", ...}]}``, each with ``mean_log_prob``, ``top1`` (share) and, for
+    the patched sets, ``gap_closed``: ``(patched - no_features) / (adapted - no_features)`` of the
+    mean log-probabilities."""
+    _check_no_interventions(run.adapted)
     model = run.adapted
     sizes = sorted(set(min(s, len(ranked)) for s in sizes if s > 0))
-    sums = {k: [0.0, 0] for k in ["hybrid", "adapted"] + sizes}
+    sums = {k: [0.0, 0] for k in ["hybrid", "no_features", "adapted"] + sizes}
+    sets = {k: _patches(run, as_layers(ranked[:k]) if k != "no_features" else {}, scale)
+            for k in ["no_features"] + sizes}
     n = 0
 
     def add(key, ids, start, word_ids):
         h = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
         logp = torch.log_softmax(model.get_output_embeddings()(h[0, start:start + len(word_ids)]).float(), -1)
-        sums[key][0] += float(logp[torch.arange(len(word_ids)), torch.tensor(word_ids, device=ids.device)].sum())
+        picked = logp[torch.arange(len(word_ids), device=logp.device), torch.tensor(word_ids, device=logp.device)]
+        sums[key][0] += float(picked.sum())
         sums[key][1] += int(logp[0].argmax()) == word_ids[0]
 
     for ids, start, word_ids in _hesitating(run, prompts, completions, word, max_sequences):
@@ -292,40 +309,41 @@ def decision_point(run, ranked: Sequence[tuple], prompts: Sequence[list], comple
             add("adapted", ids, start, word_ids)
         with _edited(model, {}, others_on=False):
             add("hybrid", ids, start, word_ids)
-        for size in sizes:
-            features = as_layers(ranked[:size])
-            slots, patches = _patches(run, features, scale)
-            for i in patches:
-                patches[i].values = _set_values(rec.tokens(i), slots[i], len(features[i]))
+        for key, patches in sets.items():
+            for i, patch in patches.items():
+                patch.acts = rec.tokens(i)
             with _edited(model, patches, others_on=False):
-                add(size, ids, start, word_ids)
+                add(key, ids, start, word_ids)
         n += 1
 
     def mean(key):
         lp, top = sums[key]
         return {"mean_log_prob": lp / n if n else None, "top1": top / n if n else None}
 
-    hyb, ada = mean("hybrid"), mean("adapted")
+    none, ada = mean("no_features"), mean("adapted")
     patched = []
     for size in sizes:
         m = mean(size)
-        gap = None if not n or ada["mean_log_prob"] == hyb["mean_log_prob"] else \
-            (m["mean_log_prob"] - hyb["mean_log_prob"]) / (ada["mean_log_prob"] - hyb["mean_log_prob"])
+        gap = None if not n or ada["mean_log_prob"] == none["mean_log_prob"] else \
+            (m["mean_log_prob"] - none["mean_log_prob"]) / (ada["mean_log_prob"] - none["mean_log_prob"])
         patched.append({"size": size, **m, "gap_closed": gap})
-    return {"n_sequences": n, "hybrid": hyb, "adapted": ada, "patched": patched}
+    return {"n_sequences": n, "hybrid": mean("hybrid"), "no_features": none, "adapted": ada, "patched": patched}
 
 
 @torch.no_grad()
 def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[list], max_new_tokens: int,
                         batch_size: int = 32, scale: float = 1.0) -> list:
     """Greedy completions by the hybrid with the chosen features patched in: at every step the
-    adapted model runs on the same tokens (its own KV cache), and the hybrid (adapters off) gets
-    those features, and only those, at the values the adapted model gives them there (times
-    ``scale``: steering). Two cached forwards per new token, the head on the last position only
-    (no ``[tokens, vocab]`` logits for the prompts); the sufficiency test of the set."""
+    adapted model runs on the same tokens (its own KV cache), and the hybrid gets those features,
+    and only those, at the values the adapted model gives them there (times ``scale``: steering),
+    with every adapter's decoder bias (so patching no feature is the adapted model with every
+    feature ablated, and patching all of them is the adapted model). Two cached forwards per new
+    token, the head on the last position only (no ``[tokens, vocab]`` logits for the prompts); the
+    sufficiency test of the set."""
+    _check_no_interventions(run.adapted)
     model, tok = run.adapted, run.tokenizer
-    layers = sorted(features)
-    slots, patches = _patches(run, features, scale)
+    patches = _patches(run, features, scale)
+    layers = sorted(patches)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -340,7 +358,7 @@ def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[l
                            logits_to_keep=1)
             cache_a = getattr(oa, _CACHE, None) or oa.past_key_values
             for i in layers:
-                patches[i].values = _set_values(rec.tokens(i), slots[i], len(features[i]))
+                patches[i].acts = rec.tokens(i)
             with _edited(model, patches, others_on=False):
                 oh = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{_CACHE: cache_h}, use_cache=True,
                            logits_to_keep=1)

@@ -218,7 +218,7 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
     lines += ["", f"Ablating the set removes {_pct(c['hesitation_removed'])} of the hesitations (target ≥ 90%), "
                   f"changes accuracy by {_fmt(None if c['accuracy_change'] is None else 100 * c['accuracy_change'], 3)} "
                   f"points (target within 5) and the response length by {c['length_change']:.1f} tokens; patched "
-                  f"into the hybrid (at the values the adapted model gives it on the same tokens) it makes the "
+                  f"into the hybrid (at the values the adapted model gives it on the same tokens, with every adapter's decoder bias) it makes the "
                   f"hybrid write {word!r} in {_pct(c['induced'])} of completions (target ≥ 50%). The smallest "
                   f"prefix of the ranking that is sufficient so (half the adapted model's rate on the selection "
                   f"prompts): {suff['size']} features ({_pct(suff['share'])})"
@@ -229,9 +229,10 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
         lines += [f"At the decision point (each of the adapted model's {d['n_sequences']} hesitating test "
                   f"completions, teacher-forced up to the word): the hybrid gives log p({word!r}) "
                   f"{d['hybrid']['mean_log_prob']:.2f} (its first token the most likely next one in "
-                  f"{_pct(d['hybrid']['top1'])}), the "
+                  f"{_pct(d['hybrid']['top1'])}), the adapters with no features (their decoder biases alone) "
+                  f"{d['no_features']['mean_log_prob']:.2f} ({_pct(d['no_features']['top1'])}), the "
                   f"adapted model {d['adapted']['mean_log_prob']:.2f} ({_pct(d['adapted']['top1'])}); with the top "
-                  f"features of the ranking patched into the hybrid:", "",
+                  f"features of the ranking patched in (gap closed: from no features to the adapted model):", "",
                   "| features patched | log p | first token most likely | gap closed |", "|---|---|---|---|"]
         lines += [f"| {p['size']} | {p['mean_log_prob']:.2f} | {_pct(p['top1'])} | {_pct(p['gap_closed'])} |"
                   for p in d["patched"]]
