@@ -48,18 +48,27 @@ from training.diffing import tasks
 from training.evaluate import left_padded
 
 
-def _word_log_prob(model, ids: torch.Tensor, start: int, word: Sequence[int],
-                   grad_inputs: bool = True) -> torch.Tensor:
-    """``log p(word | ids[:, :start + 1])``: the log-probability of the tokens ``word`` that follow
-    position ``start`` of ``ids`` [1, T] (teacher-forced); ``grad_inputs``: differentiable in the
-    input embeddings (so the recorded feature activations are too). The head runs on the
-    ``len(word)`` predicting positions only."""
+def _next_log_probs(model, ids: torch.Tensor, start: int, n: int, grad_inputs: bool = True) -> torch.Tensor:
+    """``[n, vocab]``: the next-token log-probabilities at positions ``start .. start + n - 1`` of
+    ``ids`` [1, T]; ``grad_inputs``: differentiable in the input embeddings (so the recorded feature
+    activations are too). The head runs on those ``n`` positions only."""
     inner = model.model
     emb = inner.embed_tokens(ids).detach().requires_grad_(grad_inputs)
     out = inner(inputs_embeds=emb, attention_mask=torch.ones_like(ids), use_cache=False)
-    h = out.last_hidden_state[0, start:start + len(word)]
-    logp = torch.log_softmax(model.get_output_embeddings()(h).float(), -1)
-    return logp[torch.arange(len(word), device=ids.device), torch.tensor(word, device=ids.device)].sum()
+    return torch.log_softmax(model.get_output_embeddings()(out.last_hidden_state[0, start:start + n]).float(), -1)
+
+
+def _picked(logp: torch.Tensor, word: Sequence[int]) -> torch.Tensor:
+    """The summed log-probability of the tokens ``word`` in the rows ``logp [len(word), vocab]``."""
+    return logp[torch.arange(len(word), device=logp.device), torch.tensor(word, device=logp.device)].sum()
+
+
+def _word_log_prob(model, ids: torch.Tensor, start: int, word: Sequence[int],
+                   grad_inputs: bool = True) -> torch.Tensor:
+    """``log p(word | ids[:, :start + 1])``: the log-probability of the tokens ``word`` that follow
+    position ``start`` of ``ids`` [1, T] (teacher-forced); ``grad_inputs`` as in
+    :func:`_next_log_probs`."""
+    return _picked(_next_log_probs(model, ids, start, len(word), grad_inputs), word)
 
 
 METHODS = ("path", "gradient")
@@ -82,28 +91,17 @@ def _hesitating(run, prompts, completions, word, max_sequences):
         n += 1
 
 
-class _Fixed:
-    """A ``feature_edit`` that replaces a layer's activations by given ones (the same shape)."""
-
-    def __init__(self, acts: SparseActivations):
-        self.acts = acts
-
-    def __call__(self, acts, W_dec):
-        return self.acts, None
-
-
 @contextmanager
-def _edited(model, edits: Dict[int, object], others_on: bool):
-    """Adapters of ``edits`` on with those feature edits; every other adapter as it was
-    (``others_on``) or off; the adapters' own settings restored after."""
+def _edited(model, edits: Dict[int, object]):
+    """Adapters of ``edits`` on with those feature edits, every other adapter off; the adapters'
+    own settings restored after."""
     mods = adapter_modules(model)
     saved = {i: (m.enabled, m.feature_edit) for i, m in mods.items()}
     try:
         for i, m in mods.items():
+            m.enabled = i in edits
             if i in edits:
-                m.enabled, m.feature_edit = True, edits[i]
-            else:
-                m.enabled = m.enabled and others_on
+                m.feature_edit = edits[i]
         yield model
     finally:
         for i, m in mods.items():
@@ -116,20 +114,23 @@ def _path_scores(model, ids, start, word, steps: int) -> tuple:
     with torch.no_grad(), record_features(model) as rec:
         at_one = float(_word_log_prob(model, ids, start, word, grad_inputs=False))
     recorded = {i: rec.tokens(i) for i in rec.recorded_layers()}
+    every = {i: _Patched(torch.ones(rec.n_features[i], dtype=torch.bool, device=ids.device)) for i in recorded}
     # summed in float32: bf16 gradients summed in bf16 lose the completeness the method promises
     total = {i: torch.zeros_like(a.values, dtype=torch.float32) for i, a in recorded.items()}
     for k in range(steps):
         alpha = (k + 0.5) / steps
         xs = {i: (a.values * alpha).requires_grad_(True) for i, a in recorded.items()}
-        edits = {i: _Fixed(SparseActivations(xs[i], a.indices)) for i, a in recorded.items()}
-        with torch.enable_grad(), _edited(model, edits, others_on=False):
+        for i, a in recorded.items():
+            every[i].acts = SparseActivations(xs[i], a.indices)
+        with torch.enable_grad(), _edited(model, every):
             target = _word_log_prob(model, ids, start, word, grad_inputs=False)
             grads = torch.autograd.grad(target, list(xs.values()), allow_unused=True)
         for i, g in zip(xs, grads):
             if g is not None:
                 total[i] += g.float()
-    zero = {i: _Fixed(SparseActivations(torch.zeros_like(a.values), a.indices)) for i, a in recorded.items()}
-    with torch.no_grad(), _edited(model, zero, others_on=False):
+    for i, a in recorded.items():
+        every[i].scale, every[i].acts = 0.0, a
+    with torch.no_grad(), _edited(model, every):
         at_zero = float(_word_log_prob(model, ids, start, word, grad_inputs=False))
     return ({i: (recorded[i].values.float() * total[i] / steps, recorded[i].indices) for i in recorded},
             at_one, at_zero)
@@ -298,21 +299,19 @@ def decision_point(run, ranked: Sequence[tuple], prompts: Sequence[list], comple
     n = 0
 
     def add(key, ids, start, word_ids):
-        h = model.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
-        logp = torch.log_softmax(model.get_output_embeddings()(h[0, start:start + len(word_ids)]).float(), -1)
-        picked = logp[torch.arange(len(word_ids), device=logp.device), torch.tensor(word_ids, device=logp.device)]
-        sums[key][0] += float(picked.sum())
+        logp = _next_log_probs(model, ids, start, len(word_ids), grad_inputs=False)
+        sums[key][0] += float(_picked(logp, word_ids))
         sums[key][1] += int(logp[0].argmax()) == word_ids[0]
 
     for ids, start, word_ids in _hesitating(run, prompts, completions, word, max_sequences):
         with record_features(model) as rec:
             add("adapted", ids, start, word_ids)
-        with _edited(model, {}, others_on=False):
+        with _edited(model, {}):
             add("hybrid", ids, start, word_ids)
         for key, patches in sets.items():
             for i, patch in patches.items():
                 patch.acts = rec.tokens(i)
-            with _edited(model, patches, others_on=False):
+            with _edited(model, patches):
                 add(key, ids, start, word_ids)
         n += 1
 
@@ -359,7 +358,7 @@ def patched_completions(run, features: Dict[int, List[int]], prompts: Sequence[l
             cache_a = getattr(oa, _CACHE, None) or oa.past_key_values
             for i in layers:
                 patches[i].acts = rec.tokens(i)
-            with _edited(model, patches, others_on=False):
+            with _edited(model, patches):
                 oh = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{_CACHE: cache_h}, use_cache=True,
                            logits_to_keep=1)
             cache_h = getattr(oh, _CACHE, None) or oh.past_key_values
