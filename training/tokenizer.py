@@ -1,7 +1,8 @@
 """A character-level tokenizer for the embedded tiny models.
 
 One token per character (newline and printable ASCII), plus whole-string special tokens for the
-DeepSeek and ChatML chat formats. It offers the small part of the Hugging Face tokenizer interface
+DeepSeek and ChatML chat formats and, optionally, whole-word tokens (``words``: ordinary text that
+is one token, as a BPE vocabulary has a token for a common word such as "Wait"). It offers the small part of the Hugging Face tokenizer interface
 that the training loop uses (``encode``, ``decode``, ``convert_tokens_to_ids``, the special token
 ids, ``save_pretrained`` / ``from_pretrained``), so the loop treats it and an HF tokenizer alike.
 Real models keep their own HF tokenizer; see :func:`training.data.load_tokenizer`.
@@ -31,20 +32,29 @@ CHARACTERS = ["\n"] + [chr(c) for c in range(32, 127)]
 
 
 class CharTokenizer:
-    """Characters are tokens; the special tokens are matched as whole strings before splitting."""
+    """Characters are tokens; the special tokens, then the words, are matched as whole strings
+    (longest first) before splitting the rest into characters. Words come last in the vocabulary, so
+    a tokenizer with words gives every character the id it has without them."""
 
     def __init__(self, special_tokens: Iterable[str] = SPECIAL_TOKENS,
                  characters: Iterable[str] = CHARACTERS,
                  bos_token: str = "<｜begin▁of▁sentence｜>",
                  eos_token: str = "<｜end▁of▁sentence｜>",
-                 pad_token: str = ENDOFTEXT):
+                 pad_token: str = ENDOFTEXT,
+                 words: Iterable[str] = ()):
         self.special_tokens = list(special_tokens)
         self.characters = list(characters)
-        vocab = self.special_tokens + self.characters
-        if len(set(vocab)) != len(vocab):
-            raise ValueError("CharTokenizer: duplicate entries in the vocabulary")
+        self.words = list(words)
+        vocab = self.special_tokens + self.characters + self.words
         if any(len(c) != 1 for c in self.characters):
             raise ValueError("CharTokenizer: every entry of `characters` must be one character")
+        if any(len(w) < 2 for w in self.words):
+            raise ValueError("CharTokenizer: every entry of `words` must be at least two characters")
+        missing = sorted({ch for w in self.words for ch in w} - set(self.characters))
+        if missing:
+            raise ValueError(f"CharTokenizer: `words` use characters not in the vocabulary: {missing}")
+        if len(set(vocab)) != len(vocab):
+            raise ValueError("CharTokenizer: duplicate entries in the vocabulary")
         self._id = {t: i for i, t in enumerate(vocab)}
         self._token = vocab
         for name, tok in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token)):
@@ -55,6 +65,8 @@ class CharTokenizer:
         # Longest first, so no special token is cut by a shorter one that is its prefix.
         ordered = sorted(self.special_tokens, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(t) for t in ordered) + ")")
+        self._words = (re.compile("(" + "|".join(re.escape(w) for w in sorted(self.words, key=len, reverse=True)) + ")")
+                       if self.words else None)
 
     # ---- the HF-like interface -------------------------------------------------------------------
     @property
@@ -87,13 +99,17 @@ class CharTokenizer:
             if piece in self._id and piece in self.special_tokens:
                 ids.append(self._id[piece])
                 continue
-            for ch in piece:
-                i = self._id.get(ch)
-                if i is None:
-                    if self.unk_token_id is None:
-                        raise ValueError(f"CharTokenizer: character {ch!r} is not in the vocabulary")
-                    i = self.unk_token_id
-                ids.append(i)
+            for part in (self._words.split(piece) if self._words else (piece,)):
+                if part in self.words:
+                    ids.append(self._id[part])
+                    continue
+                for ch in part:
+                    i = self._id.get(ch)
+                    if i is None:
+                        if self.unk_token_id is None:
+                            raise ValueError(f"CharTokenizer: character {ch!r} is not in the vocabulary")
+                        i = self.unk_token_id
+                    ids.append(i)
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -114,7 +130,8 @@ class CharTokenizer:
         path = os.path.join(directory, FILE_NAME)
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"type": "char", "special_tokens": self.special_tokens, "characters": self.characters,
-                       "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token},
+                       "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                       "words": self.words},
                       f, ensure_ascii=False, indent=1)
         return path
 
@@ -125,4 +142,5 @@ class CharTokenizer:
             d = json.load(f)
         if d.get("type") != "char":
             raise ValueError(f"{path}: not a character tokenizer file")
-        return cls(d["special_tokens"], d["characters"], d["bos_token"], d["eos_token"], d["pad_token"])
+        return cls(d["special_tokens"], d["characters"], d["bos_token"], d["eos_token"], d["pad_token"],
+                   d.get("words", ()))

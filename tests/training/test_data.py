@@ -219,3 +219,27 @@ def test_char_tokenizer_roundtrip(tmp_path):
     TOK.save_pretrained(str(tmp_path))
     assert CharTokenizer.from_pretrained(str(tmp_path)).encode(text) == ids
     assert TOK.decode(TOK.encode("é")) == "<unk>"
+
+
+def test_char_tokenizer_words_are_one_token_each_and_keep_every_character_id(tmp_path):
+    tok = CharTokenizer(words=["Wait", "Wa"])
+    assert len(tok) == len(TOK) + 2
+    text = "<｜User｜>1+2 Wait, Waiting Wa W"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    wait, wa = tok.convert_tokens_to_ids("Wait"), tok.convert_tokens_to_ids("Wa")
+    assert ids.count(wait) == 2 and ids.count(wa) == 1  # longest first; the rest is characters
+    assert len(ids) == 1 + 4 + 1 + 1 + 1 + 1 + 3 + 1 + 1 + 1 + 1
+    assert all(tok.encode(ch) == TOK.encode(ch) for ch in "0123 ,.W")  # ids unchanged by the words
+    assert tok.decode([wait], skip_special_tokens=True) == "Wait"  # a word is ordinary text
+    tok.save_pretrained(str(tmp_path))
+    assert CharTokenizer.from_pretrained(str(tmp_path)).encode(text) == ids
+    TOK.save_pretrained(str(tmp_path / "plain"))
+    assert CharTokenizer.from_pretrained(str(tmp_path / "plain")).words == []
+
+
+@pytest.mark.parametrize("words, needle", [(["W"], "at least two characters"), (["Wé"], "not in the vocabulary"),
+                                           (["Wait", "Wait"], "duplicate"), (["<unk>x", "\n"], "two characters")])
+def test_char_tokenizer_bad_words(words, needle):
+    with pytest.raises(ValueError, match=needle):
+        CharTokenizer(words=words)
