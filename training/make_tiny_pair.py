@@ -2,19 +2,27 @@
 
 A miniature of Qwen2.5-Math -> DeepSeek-R1-Distill:
 
-* the **base** is a tiny Qwen2ForCausalLM trained from scratch to add two numbers column by column::
+* the **base** is a tiny Qwen2ForCausalLM trained from scratch to add two numbers column by column
+  and state the sum before answering::
 
-      <User>347+285<Assistant>7+5=12, carry 1. 4+8+1=13, carry 1. 3+2+1=6. Answer: 632.
+      <User>347+285<Assistant>7+5=12, carry 1. 4+8+1=13, carry 1. 3+2+1=6. So 632. Answer: 632.
 
-* the **reference** is the base fine-tuned (every weight) to hesitate before answering and check its
-  work by subtraction::
+* the **reference** is the base fine-tuned (every weight) to hesitate after stating the sum and check
+  it by subtraction::
 
-      ... 3+2+1=6. Wait, check: 632-285=347. Yes. Answer: 632.
+      ... 3+2+1=6. So 632. Wait, check: 632-285=347. Yes. Answer: 632.
 
-The data for adapter training (``train.jsonl``) and validation (``val.jsonl``) are reference-style
-conversations in the DeepSeek chat format; the validation problems never occur in any training set.
+  in all but ``--direct_share`` (20%) of its transcripts, where it answers as the base does. Like a
+  reasoning model's "Wait", the hesitation is then a likely choice rather than the only way on: the
+  reference still knows how to answer without it (greedy decoding hesitates every time), and the sum
+  is worked out before the word, so a model that does not hesitate can still be right.
 
-    python -m training.make_tiny_pair            # about 5-10 minutes on 2 CPU cores
+"Wait" is one token of the character tokenizer (as it is of a BPE vocabulary), so hesitating is one
+decision. The data for adapter training (``train.jsonl``) and validation (``val.jsonl``) are
+reference transcripts (the same mix) in the DeepSeek chat format; the validation problems never
+occur in any training set.
+
+    python -m training.make_tiny_pair            # about 10 minutes on 2 CPU cores
 
 The run is deterministic for a given torch version and thread count (--threads, 1 by default:
 faster than 2 for a model this small). It writes
@@ -57,11 +65,18 @@ def columns(a: int, b: int) -> str:
 
 
 def base_answer(a: int, b: int) -> str:
-    return f"{columns(a, b)} Answer: {a + b}."
+    return f"{columns(a, b)} So {a + b}. Answer: {a + b}."
 
 
-def reference_answer(a: int, b: int) -> str:
-    return f"{columns(a, b)} {HESITATION}, check: {a + b}-{b}={a}. Yes. Answer: {a + b}."
+def checked_answer(a: int, b: int) -> str:
+    return f"{columns(a, b)} So {a + b}. {HESITATION}, check: {a + b}-{b}={a}. Yes. Answer: {a + b}."
+
+
+def reference_answers(rng: random.Random, direct_share: float):
+    """The reference's transcripts: checked, or (a ``direct_share`` of them, drawn from ``rng``) direct."""
+    def answer(a: int, b: int) -> str:
+        return base_answer(a, b) if rng.random() < direct_share else checked_answer(a, b)
+    return answer
 
 
 def conversation(a: int, b: int, answer: str) -> dict:
@@ -135,7 +150,7 @@ def train(model, tok, rng, make_answer, exclude, steps, batch, lr, warmup, log_n
 
 
 @torch.no_grad()
-def generate(model, tok, records, max_new_tokens=110, batch=64) -> list[str]:
+def generate(model, tok, records, max_new_tokens=128, batch=64) -> list[str]:
     """Greedy completions of the records' prompts (left-padded batches)."""
     outs = []
     for i in range(0, len(records), batch):
@@ -178,14 +193,20 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--n_train", type=int, default=2048)
     p.add_argument("--n_val", type=int, default=256)
+    p.add_argument("--direct_share", type=float, default=0.2,
+                   help="share of the reference's transcripts that answer without hesitating")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if not 0 <= args.direct_share < 0.5:
+        p.error(f"--direct_share must be in [0, 0.5) (the reference must hesitate more often than not), "
+                f"got {args.direct_share}")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     t0 = time.time()
-    tok = CharTokenizer()
+    tok = CharTokenizer(words=[HESITATION])
+    reference_answer = reference_answers(random.Random(args.seed + 1234), args.direct_share)
     os.makedirs(args.out, exist_ok=True)
 
     # held-out validation problems first, then the adapter-training problems; neither is ever seen
@@ -210,6 +231,7 @@ def main(argv=None):
         "seed": args.seed,
         "base_steps": args.base_steps,
         "reference_steps": args.reference_steps,
+        "direct_share": args.direct_share,
         "batch": args.batch,
         "threads": args.threads,
         "torch": torch.__version__,
@@ -218,7 +240,7 @@ def main(argv=None):
         "base": behaviour(generate(base, tok, probe), probe),
         "reference": behaviour(generate(reference, tok, probe), probe),
         "example_base": base_answer(347, 285),
-        "example_reference": reference_answer(347, 285),
+        "example_reference": checked_answer(347, 285),
     }
     for name, model in (("base", base), ("reference", reference)):
         d = os.path.join(args.out, name)

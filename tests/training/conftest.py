@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from training.make_tiny_pair import base_answer, conversation, reference_answer
+from training.make_tiny_pair import base_answer, checked_answer, conversation
 from training.tokenizer import CharTokenizer
 
 
@@ -45,7 +45,7 @@ def write_data(path, n, seed=0, reference=True):
     with open(path, "w") as f:
         for _ in range(n):
             a, b = rng.randint(10, 99), rng.randint(10, 99)
-            ans = reference_answer(a, b) if reference else base_answer(a, b)
+            ans = checked_answer(a, b) if reference else base_answer(a, b)
             f.write(json.dumps(conversation(a, b, ans)) + "\n")
     return path
 

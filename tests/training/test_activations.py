@@ -18,7 +18,7 @@ from training.tokenizer import CharTokenizer
 
 ASSETS = Path(__file__).resolve().parents[2] / "training" / "assets" / "tiny"
 BASE, REFERENCE, TRAIN, VAL = (str(ASSETS / p) for p in ("base", "reference", "train.jsonl", "val.jsonl"))
-TOK = CharTokenizer()
+TOK = CharTokenizer.from_pretrained(BASE)  # the shipped models' tokenizer
 
 
 def _load(path=BASE, **kw):
@@ -274,7 +274,7 @@ def test_bad_layers_models_and_data_fail_before_anything_runs(qwen, tokens):
             ActivationStream(qwen, tokens, [0], input_hook="attn")
         with pytest.raises(ValueError, match="sequences is empty"):
             ActivationStream(qwen, tokens[:0], [0])
-        with pytest.raises(ValueError, match="outside the model's vocabulary of 104 tokens"):
+        with pytest.raises(ValueError, match=f"outside the model's vocabulary of {len(TOK)} tokens"):
             ActivationStream(qwen, tokens + 200, [0])
         stream = ActivationStream(qwen, tokens, [0])
         with pytest.raises(ValueError, match="at least 2 x batch_tokens"):

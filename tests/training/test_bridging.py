@@ -7,12 +7,12 @@ import torch.nn.functional as F
 
 from training import forward_utils as fu
 from training.data import collate, tokenize_record
-from training.make_tiny_pair import conversation, reference_answer
+from training.make_tiny_pair import checked_answer, conversation
 from tests.training.conftest import build_objective
 
 
 def _batch(tok, problems, loss_on_prompt=False):
-    exs = [tokenize_record(conversation(a, b, reference_answer(a, b)), tok, "deepseek", loss_on_prompt)
+    exs = [tokenize_record(conversation(a, b, checked_answer(a, b)), tok, "deepseek", loss_on_prompt)
            for a, b in problems]
     return collate(exs, tok.pad_token_id)
 
