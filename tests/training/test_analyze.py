@@ -40,6 +40,9 @@ def test_analysis_of_the_default_run(default_run, tmp_path):
     assert s["reached"] and s["share"] <= 0.05
     assert c["hesitation_removed"] >= 0.9  # on prompts the set was not chosen on
     assert c["random_ablated"]["hesitation_rate"] >= 0.9 * c["adapted"]["hesitation_rate"]  # the control
+    # without the word the adapted model answers directly: shorter, and no less accurate (the target: at
+    # most 5 points lost)
+    assert c["accuracy_change"] >= -0.05 and c["length_change"] <= -15
     # patched into the hybrid, enough of the ranking makes it hesitate where it never does alone
     assert c["hybrid_plus_sufficient_set"]["hesitation_rate"] > c["hybrid"]["hesitation_rate"] == 0
     a_ = h["attribution"]
@@ -50,4 +53,5 @@ def test_analysis_of_the_default_run(default_run, tmp_path):
     at_one = next(p for p in d["patched"] if p["size"] == s["size"])
     assert [v["scale"] for v in h["steered"]] == [2.0, 4.0]
     assert h["steered"][-1]["decision_gap_closed"] > at_one["gap_closed"]  # steering pushes towards the word
+    assert h["steered"][-1]["hesitation_rate"] >= 0.5  # steered at 4x, the set alone makes the hybrid hesitate
     assert "## Hesitation" in report and "Causal tests" in report and "decision point" in report
