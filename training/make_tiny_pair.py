@@ -206,6 +206,7 @@ def main(argv=None):
     rng = random.Random(args.seed)
     t0 = time.time()
     tok = CharTokenizer(words=[HESITATION])
+    # the choice of answer has its own stream, so the problems drawn from rng do not depend on direct_share
     reference_answer = reference_answers(random.Random(args.seed + 1234), args.direct_share)
     os.makedirs(args.out, exist_ok=True)
 

@@ -2,8 +2,8 @@
 
 One token per character (newline and printable ASCII), plus whole-string special tokens for the
 DeepSeek and ChatML chat formats and, optionally, whole-word tokens (``words``: ordinary text that
-is one token, as a BPE vocabulary has a token for a common word such as "Wait"). It offers the small part of the Hugging Face tokenizer interface
-that the training loop uses (``encode``, ``decode``, ``convert_tokens_to_ids``, the special token
+is one token, as a BPE vocabulary has a token for a common word such as "Wait"). It offers the small
+part of the Hugging Face tokenizer interface that the training loop uses (``encode``, ``decode``, ``convert_tokens_to_ids``, the special token
 ids, ``save_pretrained`` / ``from_pretrained``), so the loop treats it and an HF tokenizer alike.
 Real models keep their own HF tokenizer; see :func:`training.data.load_tokenizer`.
 """
@@ -29,6 +29,12 @@ SPECIAL_TOKENS = [
     "<｜Assistant｜>",
 ]
 CHARACTERS = ["\n"] + [chr(c) for c in range(32, 127)]
+
+
+def _whole_strings(strings) -> "re.Pattern":
+    """A splitting pattern that captures any of ``strings``, longest first (so none is cut by a
+    shorter one that is its prefix)."""
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(strings, key=len, reverse=True)) + ")")
 
 
 class CharTokenizer:
@@ -62,11 +68,9 @@ class CharTokenizer:
                 raise ValueError(f"CharTokenizer: {name} {tok!r} is not a special token")
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.unk_token_id = self._id.get(UNK)
-        # Longest first, so no special token is cut by a shorter one that is its prefix.
-        ordered = sorted(self.special_tokens, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(re.escape(t) for t in ordered) + ")")
-        self._words = (re.compile("(" + "|".join(re.escape(w) for w in sorted(self.words, key=len, reverse=True)) + ")")
-                       if self.words else None)
+        self._split = _whole_strings(self.special_tokens)
+        self._word_set = set(self.words)
+        self._words = _whole_strings(self.words) if self.words else None
 
     # ---- the HF-like interface -------------------------------------------------------------------
     @property
@@ -100,7 +104,7 @@ class CharTokenizer:
                 ids.append(self._id[piece])
                 continue
             for part in (self._words.split(piece) if self._words else (piece,)):
-                if part in self.words:
+                if part in self._word_set:
                     ids.append(self._id[part])
                     continue
                 for ch in part:
