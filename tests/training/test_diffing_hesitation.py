@@ -190,6 +190,36 @@ def test_smallest_set_bisects_to_the_first_size_that_reaches_the_goal(run, monke
     assert not out["reached"] and out["size"] == 5
 
 
+def test_causal_set_is_the_longer_of_the_two_prefixes_and_measures_both_rates_there(run, monkeypatch):
+    # ablating the top 7 removes the word; patching in the top 11 makes the hybrid write it
+    monkeypatch.setattr(H, "_ablated", lambda run_, features, *a: {
+        "hesitation_rate": 1.0 if sum(len(v) for v in features.values()) < 7 else 0.0})
+    measured = []
+
+    def induced(run_, ranked, size, *a):
+        measured.append(size)
+        return 1.0 if size >= 11 else 0.0
+
+    monkeypatch.setattr(H, "_induced_rate", induced)
+    ranked = [(i % 2, i // 2, 1.0) for i in range(32)]  # the micro pair: 2 layers x 16 features
+    grid = H._size_grid(32, 1.0)
+    nec = H.smallest_set(run, ranked, [], [], "Wait", 1.0, 10, max_share=0.5)
+    suff = H.sufficient_set(run, ranked, [], [], "Wait", 1.0, 10)
+    assert nec["size"] == min(s for s in grid if s >= 7) and suff["size"] == min(s for s in grid if s >= 11)
+    out = H.causal_set(run, ranked, nec, suff, [], [], "Wait", 10, max_share=0.5)
+    assert out["rule"] == "necessary and sufficient" and out["size"] == suff["size"]
+    assert out["reached"] and out["necessary"] and out["sufficient"]
+    assert out["ablated_rate"] == 0.0 and out["induced_rate"] == 1.0
+    assert out["share"] == suff["size"] / 32 and sum(len(v) for v in out["features"].values()) == suff["size"]
+    # over the budget: the necessary set alone, and it says it is not sufficient
+    nec = H.smallest_set(run, ranked, [], [], "Wait", 1.0, 10, max_share=12 / 32)
+    measured.clear()
+    out = H.causal_set(run, ranked, nec, suff, [], [], "Wait", 10, max_share=12 / 32)
+    assert out["size"] == nec["size"] < 12 < suff["size"] and out["rule"].startswith("necessary (")
+    assert out["necessary"] and not out["sufficient"] and not out["reached"]
+    assert measured == ([] if nec["size"] in [t["size"] for t in suff["tried"]] else [nec["size"]])
+
+
 def test_patching_every_feature_is_the_adapted_model_and_none_the_decoder_biases(run):
     prompts, _ = tasks.prompts_and_answers(run, run.val_records[:4])
     every = {i: list(range(m.n_features)) for i, m in adapter_modules(run.adapted).items()}

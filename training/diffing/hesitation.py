@@ -18,11 +18,12 @@ word ("Wait"), and whether they are necessary and sufficient for it.
    Sums over positions and completions give a score per (layer, feature); only ``[tokens, k]``
    activations and ``[n_features]`` sums are ever made, and the head runs on the predicting
    positions only, so no ``[tokens, vocab]`` or ``[tokens, features]`` tensor exists.
-2. The smallest set: features ranked by positive attribution; the smallest prefix (searched on a
-   grid of sizes up to ``max_share`` of all adapter features) whose ablation removes at least
-   ``target_removal`` of the adapted model's hesitations on the selection prompts.
-   And the sufficient set: the smallest prefix of the same ranking that, patched into the hybrid,
-   makes it hesitate at least half as often as the adapted model (searched over every size).
+2. The set: features ranked by positive attribution; the necessary prefix is the smallest (searched
+   on a grid of sizes up to ``max_share`` of all adapter features) whose ablation removes at least
+   ``target_removal`` of the adapted model's hesitations on the selection prompts, the sufficient
+   prefix the smallest that, patched into the hybrid, makes it hesitate at least half as often as
+   the adapted model (searched over every size). The set the causal tests use is the smallest prefix
+   that is both, when one is within ``max_share`` (:func:`causal_set`), else the necessary one.
 3. The causal tests, on other prompts than 1 and 2 used: ablating the set in the adapted model
    (hesitation rate, response length, accuracy), ablating a random set of the same size (the control),
    and adding the set to the hybrid: patched in at the values the adapted model gives it on the
@@ -419,6 +420,16 @@ def _grid(run, ranked, max_share: float) -> tuple:
     return total, grid
 
 
+def _ablation_rate(run, ranked, size, prompts, answers, word, max_new_tokens, batch_size) -> float:
+    return _ablated(run, as_layers(ranked[:size]), prompts, answers, word, max_new_tokens,
+                    batch_size)["hesitation_rate"]
+
+
+def _induced_rate(run, ranked, size, prompts, answers, word, max_new_tokens, batch_size) -> float:
+    comps = patched_completions(run, as_layers(ranked[:size]), prompts, max_new_tokens, batch_size)
+    return tasks.score(run, comps, answers, word)["hesitation_rate"]
+
+
 def smallest_set(run, ranked: Sequence[tuple], prompts, answers, word: str, rate_before: float,
                  max_new_tokens: int, max_share: float = 0.05, target_removal: float = 0.9,
                  batch_size: int = 32) -> dict:
@@ -427,12 +438,9 @@ def smallest_set(run, ranked: Sequence[tuple], prompts, answers, word: str, rate
     ``(1 - target_removal) * rate_before``."""
     total, grid = _grid(run, ranked, max_share)
     goal = (1 - target_removal) * rate_before
-
-    def rate(size):
-        return _ablated(run, as_layers(ranked[:size]), prompts, answers, word, max_new_tokens,
-                        batch_size)["hesitation_rate"]
-
-    found, tried = _smallest_prefix(ranked, grid, rate, lambda r: r <= goal)
+    found, tried = _smallest_prefix(
+        ranked, grid, lambda size: _ablation_rate(run, ranked, size, prompts, answers, word, max_new_tokens,
+                                                  batch_size), lambda r: r <= goal)
     return _set_result(ranked, grid, found, tried, total, goal, rate_before)
 
 
@@ -444,21 +452,45 @@ def sufficient_set(run, ranked: Sequence[tuple], prompts, answers, word: str, ra
     of ``prompts``."""
     total, grid = _grid(run, ranked, max_share)
     goal = target_induced * rate_before
-
-    def rate(size):
-        comps = patched_completions(run, as_layers(ranked[:size]), prompts, max_new_tokens, batch_size)
-        return tasks.score(run, comps, answers, word)["hesitation_rate"]
-
-    found, tried = _smallest_prefix(ranked, grid, rate, lambda r: r >= goal)
+    found, tried = _smallest_prefix(
+        ranked, grid, lambda size: _induced_rate(run, ranked, size, prompts, answers, word, max_new_tokens,
+                                                 batch_size), lambda r: r >= goal)
     return _set_result(ranked, grid, found, tried, total, goal, rate_before)
+
+
+def causal_set(run, ranked: Sequence[tuple], necessary: dict, sufficient: dict, prompts, answers, word: str,
+               max_new_tokens: int, max_share: float = 0.05, batch_size: int = 32) -> dict:
+    """The set the causal tests use: the smallest prefix of ``ranked`` that is both necessary and
+    sufficient on ``prompts``, given the two searches' results (:func:`smallest_set`,
+    :func:`sufficient_set`). A longer prefix removes more when ablated and adds more when patched, so
+    that is the longer of the two smallest prefixes; both rates are measured at its size rather than
+    assumed. When no prefix within ``max_share`` of every adapter feature is sufficient, the
+    necessary set alone."""
+    total = sum(m.n_features for m in adapter_modules(run.adapted).values())
+    both = necessary["reached"] and sufficient["reached"] and sufficient["size"] <= max_share * total
+    size = max(necessary["size"], sufficient["size"]) if both else necessary["size"]
+    known_ablated = {t["size"]: t["hesitation_rate"] for t in necessary["tried"]}
+    known_induced = {t["size"]: t["hesitation_rate"] for t in sufficient["tried"]}
+    ablated = known_ablated.get(size)
+    if ablated is None:
+        ablated = _ablation_rate(run, ranked, size, prompts, answers, word, max_new_tokens, batch_size)
+    induced = known_induced.get(size)
+    if induced is None:
+        induced = _induced_rate(run, ranked, size, prompts, answers, word, max_new_tokens, batch_size)
+    is_necessary, is_sufficient = ablated <= necessary["goal_rate"], induced >= sufficient["goal_rate"]
+    return {"size": size, "share": size / total if total else None, "rule": "necessary and sufficient"
+            if both else "necessary (no prefix within the budget is sufficient)",
+            "reached": is_necessary and is_sufficient, "necessary": is_necessary, "sufficient": is_sufficient,
+            "ablated_rate": ablated, "induced_rate": induced, "rate_before": necessary["rate_before"],
+            "features": as_layers(ranked[:size])}
 
 
 def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], word: str, max_new_tokens: int,
                           max_share: float = 0.05, target_removal: float = 0.9, batch_size: int = 32,
                           max_attribution_sequences: Optional[int] = None, seed: int = 0,
                           method: str = "path", steps: int = 8, steer_scales: Sequence[float] = (2.0, 4.0)) -> dict:
-    """Attribution (by ``method``, see :func:`attribute`) and the smallest set on the first half of
-    ``records``, the causal tests and the decision point on the second half (and the set patched
+    """Attribution (by ``method``, see :func:`attribute`) and the set (:func:`causal_set`) on the first
+    half of ``records``, the causal tests and the decision point on the second half (and the set patched
     into the hybrid at each of ``steer_scales`` times the adapted model's values). ``completions``:
     the task evaluation's completions of ``records`` per model."""
     prompts, answers = tasks.prompts_and_answers(run, records)
@@ -478,8 +510,16 @@ def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], 
         out["note"] = f"no adapted completion of the selection prompts writes {word!r}: nothing to attribute"
         return out
     rate_sel = tasks.score(run, adapted_sel, answers[sel], word)["hesitation_rate"]
-    chosen = smallest_set(run, ranked, prompts[sel], answers[sel], word, rate_sel, max_new_tokens, max_share,
-                          target_removal, batch_size)
+    necessary = smallest_set(run, ranked, prompts[sel], answers[sel], word, rate_sel, max_new_tokens, max_share,
+                             target_removal, batch_size)
+    # how many of the ranked features the hybrid needs patched in to hesitate half as often: searched
+    # over every size, so it is reported even when it is over the budget
+    enough = sufficient_set(run, ranked, prompts[sel], answers[sel], word, rate_sel, max_new_tokens,
+                            batch_size=batch_size)
+    chosen = causal_set(run, ranked, necessary, enough, prompts[sel], answers[sel], word, max_new_tokens,
+                        max_share, batch_size)
+    out["necessary_set"] = {k: v for k, v in necessary.items() if k != "features"}
+    out["sufficient_set"] = {k: v for k, v in enough.items() if k != "features"}
     out["set"] = chosen
     feats = chosen["features"]
 
@@ -495,10 +535,6 @@ def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], 
         alone = tasks.score(run, tasks.complete(run, "adapted", tp, max_new_tokens, batch_size), ta, word)
     removed = (1 - ablated["hesitation_rate"] / adapted_test["hesitation_rate"]
                if adapted_test["hesitation_rate"] else None)
-    # how many of the ranked features the hybrid needs patched in to hesitate as often (half as often)
-    enough = sufficient_set(run, ranked, prompts[sel], answers[sel], word, rate_sel, max_new_tokens,
-                            batch_size=batch_size)
-    out["sufficient_set"] = {k: v for k, v in enough.items() if k != "features"}
     enough_test = tasks.score(run, patched_completions(run, enough["features"], tp, max_new_tokens, batch_size),
                               ta, word)
     grid = _size_grid(total, 1.0)

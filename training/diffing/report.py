@@ -182,17 +182,22 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
     plt = _plt()
     d = h.get("decision_point")
     fig, ax = plt.subplots(1, 3 if d else 2, figsize=(14 if d else 9, 3))
-    ax[0].plot([t["size"] for t in s["tried"]], [t["hesitation_rate"] for t in s["tried"]], marker="o")
-    ax[0].axhline(s["goal_rate"], color="gray", ls="--")
+    nec, suff = h["necessary_set"], h["sufficient_set"]
+    for search, label, color in ((nec, "set ablated", "C0"), (suff, "set patched into the hybrid", "C1")):
+        ax[0].plot([t["size"] for t in search["tried"]], [t["hesitation_rate"] for t in search["tried"]],
+                   marker="o", color=color, label=label)
+        ax[0].axhline(search["goal_rate"], color=color, ls="--", lw=0.8)
+    ax[0].axvline(s["size"], color="gray", ls=":")
     ax[0].set_xscale("log")
-    ax[0].set_xlabel("top features ablated")
+    ax[0].set_xlabel("top features of the ranking")
     ax[0].set_title("hesitation rate (selection prompts)")
+    ax[0].legend(fontsize=7)
     bars = {"adapted": c["adapted"], "set ablated": c["ablated"], "random ablated": c["random_ablated"],
             "hybrid": c["hybrid"]}
     bars["hybrid + set (patched)"] = c["hybrid_plus_set"]
     bars["hybrid + set (own encoders)"] = c["hybrid_plus_set_encoded"]
-    suff = h["sufficient_set"]
-    bars[f"hybrid + {suff['size']} features (patched)"] = c["hybrid_plus_sufficient_set"]
+    if suff["size"] != s["size"]:
+        bars[f"hybrid + {suff['size']} features (patched)"] = c["hybrid_plus_sufficient_set"]
     ax[1].barh(list(bars), [v["hesitation_rate"] for v in bars.values()])
     ax[1].set_title(f"writes {word!r} (test prompts)")
     if d:
@@ -206,24 +211,29 @@ def _hesitation_section(h: dict, out_dir: str, figures: list, word: str) -> list
         ax[2].set_title("at the decision point")
         ax[2].legend(fontsize=7)
     _save(fig, out_dir, "hesitation.png", figures)
-    lines += ["", f"The smallest set: {s['size']} features ({_pct(s['share'])} of {h['n_features_total']}), "
-                  f"{'reaching' if s['reached'] else 'NOT reaching'} the goal of removing "
-                  f"{_pct(1 - s['goal_rate'] / s['rate_before']) if s['rate_before'] else 'n/a'} of the hesitations "
-                  f"on the selection prompts; by layer: "
-                  + ", ".join(f"{k}: {len(v)}" for k, v in s["features"].items()) + ".", "",
+    removal = _pct(1 - nec["goal_rate"] / nec["rate_before"]) if nec["rate_before"] else "n/a"
+    lines += ["", f"On the selection prompts, the smallest prefix of the ranking whose ablation removes {removal} "
+                  f"of the hesitations: {nec['size']} features"
+                  + ("" if nec["reached"] else " (NOT reached within the budget)")
+                  + f"; the smallest that, patched into the hybrid, makes it hesitate half as often as the adapted "
+                  f"model: {suff['size']} features ({_pct(suff['share'])})"
+                  + ("" if suff["reached"] else ", not reached even with every positively attributed feature")
+                  + f". The set ({s['rule']}): {s['size']} features ({_pct(s['share'])} of "
+                  f"{h['n_features_total']}), {'both' if s['reached'] else 'NOT both'} necessary and sufficient "
+                  f"there (ablated: {_pct(s['ablated_rate'])} hesitate, patched: {_pct(s['induced_rate'])}); "
+                  "by layer: " + ", ".join(f"{k}: {len(v)}" for k, v in s["features"].items()) + ".", "",
               f"Causal tests on {h['n_test']} other prompts:", "",
               "| model | writes it | accuracy | mean tokens |", "|---|---|---|---|"]
     for name, v in bars.items():
         lines.append(f"| {name} | {_pct(v['hesitation_rate'])} | {_pct(v['accuracy'])} | {v['mean_tokens']:.1f} |")
     lines += ["", f"Ablating the set removes {_pct(c['hesitation_removed'])} of the hesitations (target ≥ 90%), "
                   f"changes accuracy by {_fmt(None if c['accuracy_change'] is None else 100 * c['accuracy_change'], 3)} "
-                  f"points (target within 5) and the response length by {c['length_change']:.1f} tokens; patched "
+                  f"points (target: at most 5 lost) and the response length by {c['length_change']:.1f} tokens; patched "
                   f"into the hybrid (at the values the adapted model gives it on the same tokens, with every adapter's decoder bias) it makes the "
-                  f"hybrid write {word!r} in {_pct(c['induced'])} of completions (target ≥ 50%). The smallest "
-                  f"prefix of the ranking that is sufficient so (half the adapted model's rate on the selection "
-                  f"prompts): {suff['size']} features ({_pct(suff['share'])})"
-                  + ("" if suff["reached"] else ", not reached even with every positively attributed feature")
-                  + f"; on the test prompts it induces {_pct(c['hybrid_plus_sufficient_set']['hesitation_rate'])}.",
+                  f"hybrid write {word!r} in {_pct(c['induced'])} of completions (target ≥ 50%)"
+                  + ("." if suff["size"] == s["size"] else
+                     f"; the smallest sufficient prefix ({suff['size']} features) induces "
+                     f"{_pct(c['hybrid_plus_sufficient_set']['hesitation_rate'])}."),
               ""]
     if d and d["n_sequences"]:
         lines += [f"At the decision point (each of the adapted model's {d['n_sequences']} hesitating test "
