@@ -37,21 +37,25 @@ def test_analysis_of_the_default_run(default_run, tmp_path):
 
     h = a["hesitation"]
     s, c = h["set"], h["causal"]
-    assert s["reached"] and s["share"] <= 0.05
-    assert c["hesitation_removed"] >= 0.9  # on prompts the set was not chosen on
-    assert c["random_ablated"]["hesitation_rate"] >= 0.9 * c["adapted"]["hesitation_rate"]  # the control
-    # without the word the adapted model answers directly: shorter, and no less accurate (the target: at
-    # most 5 points lost)
+    # one set, at most 5% of the features, both necessary and sufficient on the selection prompts
+    assert s["rule"] == "necessary and sufficient" and s["reached"] and s["share"] <= 0.05
+    assert s["size"] == max(h["necessary_set"]["size"], h["sufficient_set"]["size"])
+    # and on prompts it was not chosen on: ablated, it removes at least 90% of the hesitations ...
+    assert c["hesitation_removed"] >= 0.9
+    # ... where a random set of the same size (the control) removes far fewer ...
+    assert c["random_ablated"]["hesitation_rate"] >= 0.6 * c["adapted"]["hesitation_rate"]
+    # ... and without the word the adapted model answers directly: shorter, and no less accurate (the
+    # target: at most 5 points lost)
     assert c["accuracy_change"] >= -0.05 and c["length_change"] <= -15
-    # patched into the hybrid, enough of the ranking makes it hesitate where it never does alone
-    assert c["hybrid_plus_sufficient_set"]["hesitation_rate"] > c["hybrid"]["hesitation_rate"] == 0
+    # patched into the hybrid, it makes the hybrid hesitate in at least half where it never does alone
+    assert c["induced"] >= 0.5 and c["hybrid"]["hesitation_rate"] == 0
     a_ = h["attribution"]
     assert a_["method"] == "path" and a_["score_sum"] == pytest.approx(a_["gap"], rel=0.05)  # complete
     d = h["decision_point"]
     assert d["adapted"]["top1"] >= 0.97 and d["hybrid"]["top1"] == 0
     assert d["patched"][-1]["gap_closed"] >= 0.95  # the whole positive ranking is nearly the adapted model
     at_one = next(p for p in d["patched"] if p["size"] == s["size"])
+    assert at_one["gap_closed"] >= 0.5 and at_one["top1"] >= 0.5  # the set decides the word where it is written
     assert [v["scale"] for v in h["steered"]] == [2.0, 4.0]
-    assert h["steered"][-1]["decision_gap_closed"] > at_one["gap_closed"]  # steering pushes towards the word
-    assert h["steered"][-1]["hesitation_rate"] >= 0.5  # steered at 4x, the set alone makes the hybrid hesitate
+    assert h["steered"][0]["hesitation_rate"] >= 0.5  # steered at 2x, the hybrid still hesitates
     assert "## Hesitation" in report and "Causal tests" in report and "decision point" in report
