@@ -7,8 +7,10 @@ A miniature of Qwen2.5-Math -> DeepSeek-R1-Distill:
 
       <User>347+285<Assistant>7+5=12, carry 1. 4+8+1=13, carry 1. 3+2+1=6. So 632. Answer: 632.
 
-* the **reference** is the base fine-tuned (every weight) to hesitate after stating the sum and check
-  it by subtraction::
+  Its training stops early (``--base_steps``), so it has the format but adds badly (38% right).
+
+* the **reference** is the base trained on (every weight, 99% right) to hesitate after stating the
+  sum and check it by subtraction::
 
       ... 3+2+1=6. So 632. Wait, check: 632-285=347. Yes. Answer: 632.
 
@@ -22,7 +24,7 @@ decision. The data for adapter training (``train.jsonl``) and validation (``val.
 reference transcripts (the same mix) in the DeepSeek chat format; the validation problems never
 occur in any training set.
 
-    python -m training.make_tiny_pair            # about 10 minutes on 2 CPU cores
+    python -m training.make_tiny_pair            # about 4 minutes on 2 CPU cores
 
 The run is deterministic for a given torch version and thread count (--threads, 1 by default:
 faster than 2 for a model this small). It writes
@@ -188,7 +190,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(here, "assets", "tiny"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base_steps", type=int, default=2000)
+    p.add_argument("--base_steps", type=int, default=350,
+                   help="the base stops early, so the reference (trained on from it) is the better reasoner")
     p.add_argument("--reference_steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--n_train", type=int, default=2048)

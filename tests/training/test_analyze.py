@@ -31,6 +31,7 @@ def test_analysis_of_the_default_run(default_run, tmp_path):
     assert t["reference"]["hesitation_rate"] == 1.0 and t["hybrid"]["hesitation_rate"] == 0.0
     assert t["adapted"]["hesitation_rate"] >= 0.97
     assert a["tasks"]["length_ratio"] == pytest.approx(1.0, abs=0.05)  # adapted matches the reference's length
+    assert 0.5 <= a["tasks"]["gain_recovered"]["adapted"] <= 1.0  # the paper: 50-90% of the reference's gain
 
     feats = a["features"]["per_layer"]
     assert [feats[str(i)]["l0"] for i in range(4)] == pytest.approx(final["l0_layers"], rel=1e-4)

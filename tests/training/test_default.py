@@ -24,6 +24,8 @@ def test_assets_are_a_small_valid_pair():
     pair = json.load(open(os.path.join(ASSETS, "pair.json")))
     assert pair["base"]["hesitation_rate"] == 0.0 and pair["reference"]["hesitation_rate"] == 1.0
     assert 0 < pair["direct_share"] < 0.5  # the reference's data also answers without hesitating
+    # the reference is the better reasoner, so there is an accuracy gain for the adapters to recover
+    assert pair["reference"]["accuracy"] >= pair["base"]["accuracy"] + 0.3
     tok = load_tokenizer(os.path.join(ASSETS, "reference"))
     assert len(tok.encode(pair["hesitation_word"])) == 1 and len(tok) == cr.vocab_size  # one decision
 
@@ -38,14 +40,14 @@ def test_default_config_runs_briefly(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_meets_its_claims(default_run):
-    """The full default run (minutes) gives README's figures: KL(reference || adapted) 0.0132 from the
-    hybrid's 2.481 (-99.5%), top-1 agreement 99.4%, and the adapted model hesitating like the
+    """The full default run (minutes) gives README's figures: KL(reference || adapted) 0.0259 from the
+    hybrid's 1.738 (-98.5%), top-1 agreement 98.7%, and the adapted model hesitating like the
     reference on nearly every held-out prompt (the hybrid on none). The bounds leave room for another
     torch's rounding, not for a regression."""
     s = json.load(open(default_run / "summary.json"))
     f = s["final"]
-    assert f["kl_hybrid"] == pytest.approx(2.481, abs=2e-3)  # the start does not depend on training
-    assert f["kl"] <= 0.02 and f["kl"] <= 0.006 * f["kl_hybrid"]
-    assert f["top1"] >= 0.99 and f["top1_hybrid"] == pytest.approx(0.786, abs=2e-3)
+    assert f["kl_hybrid"] == pytest.approx(1.738, abs=2e-3)  # the start does not depend on training
+    assert f["kl"] <= 0.035 and f["kl"] <= 0.02 * f["kl_hybrid"]
+    assert f["top1"] >= 0.98 and f["top1_hybrid"] == pytest.approx(0.717, abs=2e-3)
     g = s["generations"]
     assert g["adapted"]["hesitation_rate"] >= 0.97 and g["hybrid"]["hesitation_rate"] == 0.0
