@@ -16,7 +16,8 @@ writes ``DIR`` (default ``RUN_DIR/analysis``): ``report.md`` with its PNG figure
 * features: density, dead features, top-activating examples and where features fire (prompt,
   reasoning, answer) at the chosen layers;
 * hesitation: attribution of the hesitation word to adapter features (integrated gradients, or
-  gradient x activation), the smallest feature set whose ablation removes it, the causal tests
+  gradient x activation), the smallest feature set whose ablation removes it and which, added to
+  the hybrid, brings it (within --max_share of the features; else the necessary set), the causal tests
   (ablating the set; adding it to the hybrid, also steered), and the decision point (log p of the
   word in the hybrid with the ranking's top features patched in).
 
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answer_marker", default="Answer:", help="where a response's answer begins")
     p.add_argument("--reasoning_end", default=None, help="the answer begins after this instead (e.g. </think>)")
     p.add_argument("--hesitation_word", default=None, help="default: the run's hesitation_word")
-    p.add_argument("--max_share", type=float, default=0.05, help="largest feature set tried, as a share of all")
+    p.add_argument("--max_share", type=float, default=0.05, help="largest feature set, as a share of all")
     p.add_argument("--target_removal", type=float, default=0.9, help="share of hesitations the set must remove")
     p.add_argument("--attribution", default="path", choices=("path", "gradient"),
                    help="hesitation attribution: integrated gradients from no features (path) or "
