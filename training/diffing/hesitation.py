@@ -411,10 +411,14 @@ def _set_result(ranked, grid, found, tried, total, goal, rate_before) -> dict:
             "features": as_layers(ranked[:size])}
 
 
+def _n_features(run) -> int:
+    return sum(m.n_features for m in adapter_modules(run.adapted).values())
+
+
 def _grid(run, ranked, max_share: float) -> tuple:
     """(every adapter feature, the sizes tried: the grid up to ``max_share`` of them, ending at the
     whole ranking when that is smaller)."""
-    total = sum(m.n_features for m in adapter_modules(run.adapted).values())
+    total = _n_features(run)
     sizes = _size_grid(total, max_share)
     grid = [s for s in sizes if s < len(ranked)] + ([min(len(ranked), sizes[-1])] if ranked else [])
     return total, grid
@@ -466,17 +470,16 @@ def causal_set(run, ranked: Sequence[tuple], necessary: dict, sufficient: dict, 
     that is the longer of the two smallest prefixes; both rates are measured at its size rather than
     assumed. When no prefix within ``max_share`` of every adapter feature is sufficient, the
     necessary set alone."""
-    total = sum(m.n_features for m in adapter_modules(run.adapted).values())
+    total = _n_features(run)
     both = necessary["reached"] and sufficient["reached"] and sufficient["size"] <= max_share * total
     size = max(necessary["size"], sufficient["size"]) if both else necessary["size"]
-    known_ablated = {t["size"]: t["hesitation_rate"] for t in necessary["tried"]}
-    known_induced = {t["size"]: t["hesitation_rate"] for t in sufficient["tried"]}
-    ablated = known_ablated.get(size)
-    if ablated is None:
-        ablated = _ablation_rate(run, ranked, size, prompts, answers, word, max_new_tokens, batch_size)
-    induced = known_induced.get(size)
-    if induced is None:
-        induced = _induced_rate(run, ranked, size, prompts, answers, word, max_new_tokens, batch_size)
+
+    def at_size(search, measure):
+        known = {t["size"]: t["hesitation_rate"] for t in search["tried"]}
+        return known[size] if size in known else measure(run, ranked, size, prompts, answers, word,
+                                                         max_new_tokens, batch_size)
+
+    ablated, induced = at_size(necessary, _ablation_rate), at_size(sufficient, _induced_rate)
     is_necessary, is_sufficient = ablated <= necessary["goal_rate"], induced >= sufficient["goal_rate"]
     return {"size": size, "share": size / total if total else None, "rule": "necessary and sufficient"
             if both else "necessary (no prefix within the budget is sufficient)",
@@ -501,7 +504,7 @@ def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], 
     adapted_sel = completions["adapted"][sel]
     attr = attribute(run, prompts[sel], adapted_sel, word, max_attribution_sequences, method, steps)
     ranked = ranking(attr["scores"])
-    total = sum(m.n_features for m in adapter_modules(run.adapted).values())
+    total = _n_features(run)
     out = {"n_selection": half, "n_test": len(records) - half, "n_features_total": total,
            "attribution": {k: v for k, v in attr.items() if k != "scores"},
            "attributed_sequences": attr["n_sequences"], "predicting_share": attr["predicting_share"],
@@ -535,8 +538,8 @@ def hesitation_experiment(run, records: Sequence, completions: Dict[str, list], 
         alone = tasks.score(run, tasks.complete(run, "adapted", tp, max_new_tokens, batch_size), ta, word)
     removed = (1 - ablated["hesitation_rate"] / adapted_test["hesitation_rate"]
                if adapted_test["hesitation_rate"] else None)
-    enough_test = tasks.score(run, patched_completions(run, enough["features"], tp, max_new_tokens, batch_size),
-                              ta, word)
+    enough_test = patched if enough["size"] == chosen["size"] else tasks.score(
+        run, patched_completions(run, enough["features"], tp, max_new_tokens, batch_size), ta, word)
     grid = _size_grid(total, 1.0)
     out["decision_point"] = decision_point(run, ranked, tp, completions["adapted"][test], word,
                                            sorted(set(grid + [chosen["size"], enough["size"]])),
